@@ -1,0 +1,5 @@
+import sys
+
+from selfmask.cli import main
+
+sys.exit(main())

@@ -1,0 +1,60 @@
+"""A registry of backbone constructors (in the manner of timm's ``@register_model``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """What a user needs to feed a backbone and use its output."""
+
+    name: str
+    embed_dim: int
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    mask_preset: str  # the MaskConfig preset matching METHOD.md section 1
+    description: str = ""
+
+
+_REGISTRY: dict[str, tuple[Callable[[], nn.Module], BackboneInfo]] = {}
+
+
+def register_backbone(info: BackboneInfo) -> Callable[[Callable[[], nn.Module]], Callable[[], nn.Module]]:
+    """Decorator registering a zero-argument constructor under ``info.name``."""
+
+    def deco(fn: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+        if info.name in _REGISTRY:
+            raise ValueError(f"backbone {info.name!r} is already registered")
+        _REGISTRY[info.name] = (fn, info)
+        return fn
+
+    return deco
+
+
+def list_backbones() -> list[str]:
+    """Names accepted by :func:`create_backbone`."""
+    return sorted(_REGISTRY)
+
+
+def backbone_info(name: str) -> BackboneInfo:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+    return _REGISTRY[name][1]
+
+
+def build_backbone(name: str) -> nn.Module:
+    """A randomly initialised backbone (no weights loaded)."""
+    backbone_info(name)
+    model = _REGISTRY[name][0]()
+    model.backbone_name = name  # type: ignore[assignment]
+    return model

@@ -1,0 +1,51 @@
+"""The ``selfmask`` command line: one module per subcommand under ``selfmask.cli``.
+
+Each command module defines ``register(subparsers)``, which adds its parser and
+sets ``func`` (taking the parsed namespace, returning an exit code). User errors
+(:class:`~selfmask.errors.SelfmaskError`, ``ValueError``, missing files) print one
+clear line and exit 2; Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# Subcommand modules, in the order ``selfmask --help`` lists them.
+COMMANDS: tuple[str, ...] = ("bench",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from selfmask import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="selfmask",
+        description="Adapt frozen pretrained vision models by learning binary masks over their weights.",
+    )
+    parser.add_argument("--version", action="version", version=f"selfmask {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"selfmask.cli.{name.replace('-', '_')}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("selfmask: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as exc:
+        print(f"selfmask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

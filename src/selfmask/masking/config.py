@@ -1,0 +1,185 @@
+"""Configuration of a learnable binary mask (METHOD.md section 1).
+
+A :class:`MaskConfig` says *which* parameters of a model are masked and *how*
+their masks are computed from real-valued scores. It is a plain dataclass: it is
+validated once at construction and passed into the layers, which never read any
+global configuration.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Union
+
+Targets = Union[str, list[str], tuple[str, ...]]
+
+# Parameter-name presets. A string is a regular expression matched with
+# ``re.fullmatch`` against qualified parameter names, as PEFT's ``target_modules``.
+
+#: ResNets (torchvision layout): every convolution weight, the stem and
+#: ``downsample.0`` included. BatchNorm affine parameters stay frozen (the paper).
+RESNET_TARGETS = r"(.*\.)?conv\d+\.weight|(.*\.)?downsample\.0\.weight"
+
+#: As :data:`RESNET_TARGETS`, plus the downsample BatchNorm's weight and bias,
+#: which the authors' public code also masks.
+RESNET_AUTHORS_TARGETS = RESNET_TARGETS + r"|(.*\.)?downsample\.1\.(weight|bias)"
+
+#: Vision transformers: q, k, v, output projection and both MLP layers, weights and
+#: biases. Covers OpenAI CLIP / ``nn.MultiheadAttention`` names (``in_proj_weight``,
+#: ``out_proj``, ``mlp.c_fc``, ``mlp.c_proj``) and timm names (``attn.qkv``,
+#: ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``). Patch embedding, position and class
+#: embeddings and LayerNorms are not matched and stay frozen.
+VIT_TARGETS = (
+    r"(.*\.)?attn\.(in_proj_weight|in_proj_bias|"
+    r"(qkv|q_proj|k_proj|v_proj|out_proj|proj)\.(weight|bias))"
+    r"|(.*\.)?mlp\.(c_fc|c_proj|fc1|fc2)\.(weight|bias)"
+)
+
+PRESETS: dict[str, str] = {
+    "resnet": RESNET_TARGETS,
+    "resnet-authors": RESNET_AUTHORS_TARGETS,
+    "vit": VIT_TARGETS,
+}
+
+MODES = ("threshold", "topk")
+BN_POLICIES = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How to mask a model.
+
+    Attributes:
+        targets: which parameters to mask. A list/tuple of exact qualified names or
+            name suffixes (``"weight"`` matches every ``*.weight``;
+            ``"layer1.0.conv1.weight"`` matches exactly that one), or a regular
+            expression string matched with ``re.fullmatch`` against qualified
+            parameter names. A preset name (``"resnet"``, ``"resnet-authors"``,
+            ``"vit"``) expands to the preset's expression.
+        mode: ``"threshold"`` (``M = 1[S > mu]``, the paper's method) or ``"topk"``
+            (keep the top ``keep_ratio`` of the scores of each tensor, the
+            edge-popup baseline).
+        threshold: ``mu``, the score threshold of threshold mode.
+        init_score: ``S0``, the initial value of every score.
+        keep_ratio: fraction of entries kept active per tensor (top-k mode only).
+        rescale: divide the masked weight by ``alpha = sqrt(mean(M))`` so the
+            output variance is preserved.
+        init_noise: half-width of uniform noise added to ``S0`` (seeded by
+            ``seed``). ``None`` means 0 in threshold mode (at step 0 the network is
+            exactly the pretrained one) and 1e-2 in top-k mode (constant scores
+            would make the top-k choice arbitrary).
+        seed: seed of the score noise.
+        bn: BatchNorm running statistics during mask training: ``"train"`` keeps
+            updating them in training mode (the authors' code); ``"eval"`` keeps
+            every BatchNorm in evaluation mode, so running statistics are frozen
+            and used. BatchNorm affine parameters are frozen either way unless
+            they are targeted.
+    """
+
+    targets: Targets = "resnet"
+    mode: Literal["threshold", "topk"] = "threshold"
+    threshold: float = 0.0
+    init_score: float = 1.0
+    keep_ratio: float | None = None
+    rescale: bool = True
+    init_noise: float | None = None
+    seed: int = 0
+    bn: Literal["train", "eval"] = "train"
+    _pattern: str | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"MaskConfig.mode: unknown mode {self.mode!r}; expected one of {MODES}")
+        if self.bn not in BN_POLICIES:
+            raise ValueError(f"MaskConfig.bn: unknown policy {self.bn!r}; expected one of {BN_POLICIES}")
+        for name in ("threshold", "init_score"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"MaskConfig.{name} must be a finite number, got {value!r}")
+        if self.mode == "topk":
+            if self.keep_ratio is None:
+                raise ValueError("MaskConfig.keep_ratio is required in 'topk' mode (a fraction in (0, 1])")
+            if not (0.0 < float(self.keep_ratio) <= 1.0):
+                raise ValueError(f"MaskConfig.keep_ratio must be in (0, 1], got {self.keep_ratio!r}")
+        elif self.keep_ratio is not None:
+            raise ValueError(
+                f"MaskConfig.keep_ratio={self.keep_ratio!r} only applies to mode='topk' "
+                f"(mode is {self.mode!r}); leave it None"
+            )
+        if self.init_noise is not None and (not math.isfinite(self.init_noise) or self.init_noise < 0):
+            raise ValueError(f"MaskConfig.init_noise must be a finite number >= 0, got {self.init_noise!r}")
+        if (
+            self.mode == "threshold"
+            and self.init_score <= self.threshold
+            and not self.init_noise
+        ):
+            raise ValueError(
+                f"MaskConfig: init_score={self.init_score} <= threshold={self.threshold} would start "
+                "with every entry masked out (all-zero weights); choose init_score > threshold"
+            )
+        object.__setattr__(self, "_pattern", _compile_targets(self.targets))
+
+    @property
+    def noise(self) -> float:
+        """The resolved score-noise half-width."""
+        if self.init_noise is not None:
+            return float(self.init_noise)
+        return 1e-2 if self.mode == "topk" else 0.0
+
+    def matches(self, name: str) -> bool:
+        """Whether the qualified parameter ``name`` is targeted."""
+        assert self._pattern is not None
+        return re.fullmatch(self._pattern, name) is not None
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> MaskConfig:
+        """A config for one of :data:`PRESETS`, e.g. ``MaskConfig.preset("vit", bn="eval")``."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown MaskConfig preset {name!r}; expected one of {sorted(PRESETS)}")
+        return cls(targets=name, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable fields (for run folders and mask files)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        if isinstance(out["targets"], tuple):
+            out["targets"] = list(out["targets"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MaskConfig:
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"MaskConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+def _compile_targets(targets: Targets) -> str:
+    """Turn ``targets`` into one regular expression for ``re.fullmatch``."""
+    if isinstance(targets, str):
+        if not targets:
+            raise ValueError("MaskConfig.targets is an empty string")
+        pattern = PRESETS.get(targets, targets)
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ValueError(f"MaskConfig.targets: invalid regular expression {targets!r}: {exc}") from None
+        return pattern
+    if isinstance(targets, (list, tuple)):
+        if not targets:
+            raise ValueError("MaskConfig.targets is an empty list")
+        parts = []
+        for item in targets:
+            if not isinstance(item, str) or not item:
+                raise ValueError(f"MaskConfig.targets: every entry must be a non-empty string, got {item!r}")
+            parts.append(r"(.*\.)?" + re.escape(item))
+        return "|".join(parts)
+    raise ValueError(
+        f"MaskConfig.targets must be a string (regex or preset) or a list of names/suffixes, "
+        f"got {type(targets).__name__}"
+    )
+
+
+__all__ = ["MaskConfig", "PRESETS", "RESNET_TARGETS", "RESNET_AUTHORS_TARGETS", "VIT_TARGETS"]

@@ -1,0 +1,158 @@
+"""The masked-weight computation: ``theta' = theta * M / alpha`` (METHOD.md section 1).
+
+:class:`MaskedWeight` is the straight-through autograd function and
+:class:`ScoreMask` the ``torch.nn.utils.parametrize`` parametrization that owns
+the scores of one tensor. Neither knows anything about models or configuration
+files: everything they need arrives at construction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``M = 1[S > mu]`` as a bool tensor."""
+    return scores > threshold
+
+
+def topk_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+    """Keep the ``keep_ratio`` fraction of the largest scores (at least one entry).
+
+    Exactly ``max(1, round(keep_ratio * n))`` entries are kept; ties are broken by
+    ``torch.topk``'s (deterministic) order.
+    """
+    n = scores.numel()
+    k = max(1, min(n, round(keep_ratio * n)))
+    if k == n:
+        return torch.ones_like(scores, dtype=torch.bool)
+    flat = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    flat[scores.detach().reshape(-1).topk(k, sorted=False).indices] = True
+    return flat.view_as(scores)
+
+
+def _inv_alpha(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``1 / sqrt(mean(M))`` without a host synchronisation.
+
+    An all-zero mask would make alpha zero; the output is zero there whatever
+    alpha is, so the count is clamped to one to keep every number finite.
+    """
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    count = mask.sum(dtype=acc).clamp_min(1.0)
+    return torch.rsqrt(count / mask.numel()).to(dtype)
+
+
+class MaskedWeight(torch.autograd.Function):
+    """``theta * M / alpha`` with a straight-through gradient to the scores.
+
+    Forward: ``out = weight * M * inv_alpha`` with ``inv_alpha = 1/sqrt(mean(M))``
+    (or 1 without rescaling). Backward (straight-through, ``dM/dS = 1``), as the
+    authors' code, whose alpha is computed from the straight-through mask::
+
+        dL/dS_i = g_i * w_i / alpha  -  sum_j(g_j * w_j * M_j) / (2 * n * alpha**3)
+
+    where ``g = dL/dout``. The second term is the gradient through alpha.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, rescale: bool
+    ) -> torch.Tensor:
+        out = torch.mul(weight, mask)
+        inv_alpha = None
+        if rescale:
+            inv_alpha = _inv_alpha(mask, weight.dtype)
+            out.mul_(inv_alpha)
+        # The output is the weight the layer uses; the layer saves it for its own
+        # backward anyway, so keeping it here costs no memory. The mask (1 byte per
+        # entry) is kept only when the weight itself needs a gradient.
+        ctx.inv_alpha = inv_alpha
+        ctx.save_for_backward(weight, out, mask if ctx.needs_input_grad[0] else None)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor):  # type: ignore[override]
+        weight, out, mask = ctx.saved_tensors
+        grad_weight = grad_scores = None
+        inv_alpha = ctx.inv_alpha
+        if ctx.needs_input_grad[1]:
+            grad_scores = torch.mul(grad_out, weight)
+            if inv_alpha is not None:
+                grad_scores.mul_(inv_alpha)
+                # sum(g*w*M) / (2 n alpha^3) = <g, out> * inv_alpha^2 / (2n), as out = w*M*inv_alpha
+                dot = torch.dot(grad_out.reshape(-1), out.reshape(-1))
+                grad_scores.sub_(dot * (inv_alpha * inv_alpha) / (2 * out.numel()))
+        if ctx.needs_input_grad[0]:
+            grad_weight = grad_out * mask
+            if inv_alpha is not None:
+                grad_weight.mul_(inv_alpha)
+        return grad_weight, grad_scores, None, None
+
+
+class ScoreMask(nn.Module):
+    """Parametrization replacing a tensor ``theta`` by ``theta * M / alpha``.
+
+    It holds the real-valued ``scores`` (same shape as ``theta``) as its only
+    parameter. Registered with ``torch.nn.utils.parametrize``, so the host module
+    keeps its class and its forward; ``module.weight`` simply becomes the masked
+    weight, and the frozen original lives at
+    ``module.parametrizations.weight.original`` (PyTorch's naming).
+
+    Args:
+        shape: shape of the masked tensor.
+        mode: ``"threshold"`` or ``"topk"``.
+        threshold: ``mu`` (threshold mode).
+        keep_ratio: fraction kept per tensor (top-k mode).
+        rescale: divide by ``alpha = sqrt(mean(M))``.
+        init_score: ``S0``.
+        init_noise: half-width of uniform noise added to ``S0``.
+        generator: random generator for the noise (CPU).
+        device, dtype: where the scores live (float32 unless the weight is float64).
+    """
+
+    def __init__(
+        self,
+        shape: torch.Size | tuple[int, ...],
+        *,
+        mode: str = "threshold",
+        threshold: float = 0.0,
+        keep_ratio: float | None = None,
+        rescale: bool = True,
+        init_score: float = 1.0,
+        init_noise: float = 0.0,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        if mode not in ("threshold", "topk"):
+            raise ValueError(f"ScoreMask: unknown mode {mode!r}")
+        if mode == "topk" and keep_ratio is None:
+            raise ValueError("ScoreMask: mode='topk' needs keep_ratio")
+        self.mode = mode
+        self.threshold = float(threshold)
+        self.keep_ratio = None if keep_ratio is None else float(keep_ratio)
+        self.rescale = bool(rescale)
+        scores = torch.full(tuple(shape), float(init_score), dtype=dtype)
+        if init_noise:
+            noise = torch.rand(tuple(shape), generator=generator, dtype=torch.float64)
+            scores += ((noise * 2 - 1) * init_noise).to(dtype)
+        self.scores = nn.Parameter(scores.to(device))
+
+    def mask(self) -> torch.Tensor:
+        """The current binary mask (bool, no gradient)."""
+        with torch.no_grad():
+            if self.mode == "topk":
+                assert self.keep_ratio is not None
+                return topk_mask(self.scores, self.keep_ratio)
+            return threshold_mask(self.scores, self.threshold)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return MaskedWeight.apply(weight, self.scores, self.mask(), self.rescale)
+
+    def extra_repr(self) -> str:
+        detail = f"keep_ratio={self.keep_ratio}" if self.mode == "topk" else f"threshold={self.threshold}"
+        return f"shape={tuple(self.scores.shape)}, mode={self.mode}, {detail}, rescale={self.rescale}"
