@@ -396,3 +396,19 @@ def test_score_mask_standalone_parametrization() -> None:
     lin = nn.Linear(4, 3)
     parametrize.register_parametrization(lin, "weight", ScoreMask(lin.weight.shape))
     assert torch.equal(lin.weight, lin.parametrizations.weight.original)
+
+
+def test_base_state_dict_and_fingerprint_ignore_masking() -> None:
+    from selfmask import base_state_dict, model_fingerprint
+
+    plain = build_backbone("resnet_tiny")
+    before = model_fingerprint(plain)
+    masked = mask_model(copy.deepcopy(plain), MaskConfig.preset("resnet"))
+    assert set(base_state_dict(masked)) == set(plain.state_dict())
+    assert model_fingerprint(masked) == before
+    with torch.no_grad():
+        next(iter(mask_scores(masked).values())).fill_(-1.0)  # scores do not change the base
+    assert model_fingerprint(masked) == before
+    with torch.no_grad():
+        plain.conv1.weight[0, 0, 0, 0] += 1.0
+    assert model_fingerprint(plain) != before

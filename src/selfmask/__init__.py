@@ -5,11 +5,12 @@ Asano, GCPR 2024). See README.md for the command line and the Python API.
 """
 
 from selfmask.errors import SelfmaskError
-from selfmask.fingerprint import fingerprint_tensors
+from selfmask.fingerprint import fingerprint_tensors, model_fingerprint
 from selfmask.masking import (
     PRESETS,
     MaskConfig,
     MaskSummary,
+    base_state_dict,
     base_tensors,
     current_masks,
     is_masked,
@@ -28,11 +29,13 @@ __all__ = [
     "MaskSummary",
     "SelfmaskError",
     "__version__",
+    "base_state_dict",
     "base_tensors",
     "current_masks",
     "fingerprint_tensors",
     "is_masked",
     "mask_config",
+    "model_fingerprint",
     "mask_model",
     "mask_scores",
     "mask_summary",

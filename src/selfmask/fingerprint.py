@@ -27,3 +27,15 @@ def fingerprint_tensors(tensors: Mapping[str, torch.Tensor]) -> str:
             t = t.view(torch.int16)
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Fingerprint of a model's *base* state (masked or not): see ``base_state_dict``.
+
+    A masked model and the plain backbone it was masked from have the same
+    fingerprint, so a mask file can check it is applied to the weights it was
+    trained on.
+    """
+    from selfmask.masking.model import base_state_dict
+
+    return fingerprint_tensors(base_state_dict(model))

@@ -1,6 +1,7 @@
 """Backbones with torchvision / OpenAI CLIP parameter layouts, built without those libraries."""
 
 from selfmask.backbones import zoo as _zoo  # noqa: F401  (registers the backbones)
+from selfmask.backbones.loading import create_backbone, load_state_dict_file
 from selfmask.backbones.registry import (
     BackboneInfo,
     backbone_info,
@@ -17,6 +18,8 @@ __all__ = [
     "ResNet",
     "backbone_info",
     "build_backbone",
+    "create_backbone",
+    "load_state_dict_file",
     "list_backbones",
     "register_backbone",
 ]

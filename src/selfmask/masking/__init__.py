@@ -11,6 +11,7 @@ from selfmask.masking.layer import MaskedWeight, ScoreMask, threshold_mask, topk
 from selfmask.masking.model import (
     MaskSummary,
     TensorMaskStats,
+    base_state_dict,
     base_tensors,
     binary_entropy,
     current_masks,
@@ -33,6 +34,7 @@ __all__ = [
     "MaskedWeight",
     "ScoreMask",
     "TensorMaskStats",
+    "base_state_dict",
     "base_tensors",
     "binary_entropy",
     "current_masks",

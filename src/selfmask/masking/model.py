@@ -176,6 +176,24 @@ def base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state as if it were not masked: originals under their plain names, no scores.
+
+    For an unmasked model this is ``model.state_dict()``. Fingerprints of base
+    weights (:func:`selfmask.fingerprint.model_fingerprint`) are taken over this.
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if ".parametrizations." in key or key.startswith("parametrizations."):
+            head, _, rest = key.rpartition("parametrizations.")
+            tensor_name, _, leaf = rest.partition(".")
+            if leaf == "original":
+                out[f"{head}{tensor_name}"] = value
+            continue  # scores
+        out[key] = value
+    return out
+
+
 def merge_masks(model: nn.Module) -> nn.Module:
     """Bake ``theta * M / alpha`` into plain parameters and remove all masking machinery.
 
