@@ -35,9 +35,9 @@ __all__ = [
     "fingerprint_tensors",
     "is_masked",
     "mask_config",
-    "model_fingerprint",
     "mask_model",
     "mask_scores",
     "mask_summary",
     "merge_masks",
+    "model_fingerprint",
 ]

@@ -19,7 +19,7 @@ __all__ = [
     "backbone_info",
     "build_backbone",
     "create_backbone",
-    "load_state_dict_file",
     "list_backbones",
+    "load_state_dict_file",
     "register_backbone",
 ]

@@ -80,7 +80,7 @@ class ResNet(nn.Module):
 
     def __init__(
         self,
-        block: type[BasicBlock] | type[Bottleneck],
+        block: type[BasicBlock | Bottleneck],
         layers: Sequence[int],
         widths: Sequence[int] = (64, 128, 256, 512),
         small_input: bool = False,
@@ -117,7 +117,7 @@ class ResNet(nn.Module):
                     nn.init.zeros_(m.bn2.weight)
 
     def _make_layer(
-        self, block: type[BasicBlock] | type[Bottleneck], width: int, blocks: int, stride: int
+        self, block: type[BasicBlock | Bottleneck], width: int, blocks: int, stride: int
     ) -> nn.Sequential:
         downsample = None
         if stride != 1 or self.inplanes != width * block.expansion:

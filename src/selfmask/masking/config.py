@@ -182,4 +182,4 @@ def _compile_targets(targets: Targets) -> str:
     )
 
 
-__all__ = ["MaskConfig", "PRESETS", "RESNET_TARGETS", "RESNET_AUTHORS_TARGETS", "VIT_TARGETS"]
+__all__ = ["PRESETS", "RESNET_AUTHORS_TARGETS", "RESNET_TARGETS", "VIT_TARGETS", "MaskConfig"]
