@@ -1,0 +1,131 @@
+"""``selfmask adapt``: train masks (or a baseline) on a dataset and evaluate them; one loop for all methods."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from selfmask.cli.common import (
+    add_backbone_args,
+    add_data_args,
+    add_eval_args,
+    check_eval_args,
+    read_config_file,
+    setup_logging,
+)
+from selfmask.errors import SelfmaskError
+
+# flag name -> TrainConfig field; flags default to None so a config file can fill them
+_TRAIN_FLAGS: dict[str, tuple[type, str]] = {
+    "method": (str, "mask | topk | fft | linear (default mask)"),
+    "objective": (str, "supervised | swav (default supervised)"),
+    "epochs": (int, "passes over the training set (default 10)"),
+    "batch_size": (int, "images per step (default 64)"),
+    "lr": (float, "learning rate of what is adapted (default: mask 50, fft 0.001, linear 0.1)"),
+    "head_lr": (float, "learning rate of the new head (default 0.1)"),
+    "momentum": (float, "SGD momentum (default 0.9)"),
+    "weight_decay": (float, "weight decay of what is adapted (default: masks 0, fft 5e-4)"),
+    "warmup_epochs": (float, "linear warm-up epochs before the cosine decay (default 0)"),
+    "head": (str, "linear | masked-random (default linear)"),
+    "keep_ratio": (float, "fraction kept per tensor for --method topk (default 0.9)"),
+    "threshold": (float, "mask threshold mu (default 0)"),
+    "init_score": (float, "initial score S0 (default 1)"),
+    "mask_targets": (str, "MaskConfig targets: preset name or regex (default: the backbone's preset)"),
+    "bn": (str, "BatchNorm statistics: train | eval (default train)"),
+    "seed": (int, "seed (default 0)"),
+    "device": (str, "cpu | cuda[:N] (default cpu)"),
+    "label_fraction": (float, "train on this seeded fraction of the labels, in (0, 1]"),
+    "per_class": (int, "train on this many labelled images per class"),
+}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapt",
+        help="adapt a backbone: supervised masking, top-k masks, full fine-tuning or a linear head",
+        description="Train and evaluate one adaptation. Settings come from flags, or from a JSON --config file "
+        "(keys as the flags with underscores, plus data/backbone/weights); flags win.",
+    )
+    add_data_args(p)
+    add_backbone_args(p)
+    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--config", type=Path, default=None, help="JSON file of settings")
+    for name, (typ, help_) in _TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
+    p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_eval_args(p)
+    p.set_defaults(func=run)
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(training settings, other settings): defaults < config file < flags."""
+    file_cfg = read_config_file(args.config)
+    other_keys = {"data", "backbone", "weights"}
+    unknown = set(file_cfg) - set(_TRAIN_FLAGS) - other_keys - {"augment"}
+    if unknown:
+        raise SelfmaskError(f"config file {args.config}: unknown keys {sorted(unknown)}")
+    train = {k: v for k, v in file_cfg.items() if k in _TRAIN_FLAGS or k == "augment"}
+    for name in _TRAIN_FLAGS:
+        v = getattr(args, name)
+        if v is not None:
+            train[name] = v
+    if args.no_augment:
+        train["augment"] = False
+    other = {
+        "data": args.data if args.data != "embedded" or "data" not in file_cfg else file_cfg["data"],
+        "backbone": args.backbone or file_cfg.get("backbone") or "resnet_tiny",
+        "weights": args.weights or file_cfg.get("weights"),
+    }
+    return train, other
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from selfmask.backbones import backbone_info, create_backbone
+    from selfmask.data.sources import load_data
+    from selfmask.experiments.evaluate import evaluate_features
+    from selfmask.training.config import TrainConfig
+    from selfmask.training.run_folder import RunFolder
+    from selfmask.training.trainer import adapt, classify, count_trainable_bits, resolve_device
+
+    setup_logging()
+    check_eval_args(args)
+    train_settings, other = resolve_settings(args)
+    cfg = TrainConfig(**train_settings)  # validates before anything else happens
+    resolve_device(cfg.device)
+    info = backbone_info(other["backbone"])
+    if other["weights"] is not None and not Path(other["weights"]).is_file():
+        raise SelfmaskError(f"weights file {other['weights']!r} does not exist")
+    run_folder = RunFolder(args.out, overwrite=args.overwrite).prepare()  # writable, not a finished run
+    train, test = load_data(other["data"], cache_dir=args.cache_dir, seed=cfg.seed)
+    if len(train) == 0 or len(test) == 0:
+        raise SelfmaskError(f"data {other['data']!r}: empty split (train {len(train)}, test {len(test)} images)")
+    torch.manual_seed(cfg.seed)
+    backbone = create_backbone(info.name, other["weights"])
+    result = adapt(
+        backbone, info, train, cfg, run=run_folder, progress=not args.no_progress,
+        run_meta={"weights": other["weights"], "data_spec": other["data"]},
+    )
+    results: dict[str, Any] = {"method": cfg.method, "label_fraction": cfg.label_fraction, "per_class": cfg.per_class,
+                               "seed": cfg.seed, "backbone": info.name, "data": other["data"],
+                               "final_train_loss": result.history[-1]["loss"], **count_trainable_bits(result)}
+    if not args.no_eval:
+        results["test_accuracy"] = classify(result.backbone, result.head, test, info, device=cfg.device)
+        results.update(
+            evaluate_features(
+                result.backbone, info, train, test, bank_indices=result.train_indices, knn_k=args.knn_k,
+                knn_temperature=args.knn_temperature, linear_probe=not args.no_probe, seed=cfg.seed, device=cfg.device,
+            )
+        )
+    run_folder.write_json("results.json", results)
+    run_folder.set_status("finished")
+    print(f"run folder: {run_folder.path}")
+    for key in ("test_accuracy", "knn_accuracy", "linear_probe_accuracy"):
+        if key in results:
+            print(f"  {key}: {results[key]:.4f}")
+    return 0

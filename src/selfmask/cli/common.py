@@ -1,0 +1,54 @@
+"""Arguments and steps shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from selfmask.errors import SelfmaskError
+
+
+def add_data_args(p: argparse.ArgumentParser, default: str = "embedded") -> None:
+    from selfmask.data.sources import SPEC_HELP
+
+    p.add_argument("--data", default=default, help=f"dataset: {SPEC_HELP} (default: {default})")
+    p.add_argument("--cache-dir", type=Path, default=None, help="dataset cache (default ~/.cache/selfmask)")
+
+
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", default=None, help="backbone name (see `selfmask backbones`; default resnet_tiny)")
+    p.add_argument("--weights", default=None, help="local checkpoint of the backbone (.safetensors/.pt/.pth)")
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted k-NN (default 200)")
+    p.add_argument("--knn-temperature", type=float, default=0.1, help="k-NN temperature T (default 0.1)")
+    p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+
+
+def read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise SelfmaskError(f"config file {str(path)!r} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise SelfmaskError(f"config file {path}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SelfmaskError(f"config file {path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_eval_args(args: argparse.Namespace) -> None:
+    if args.knn_k < 1:
+        raise SelfmaskError(f"--knn-k must be >= 1, got {args.knn_k}")
+    if not args.knn_temperature > 0:
+        raise SelfmaskError(f"--knn-temperature must be > 0, got {args.knn_temperature}")

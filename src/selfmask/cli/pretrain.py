@@ -1,0 +1,53 @@
+"""``selfmask pretrain``: pretrain a small backbone on the embedded benchmark's pretraining domain."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from selfmask.cli.common import add_data_args, setup_logging
+from selfmask.errors import SelfmaskError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="pretrain a backbone (supervised) and save it as a checkpoint users load with --weights",
+        description="Trains the backbone with a temporary linear head and saves the backbone as .safetensors.",
+    )
+    add_data_args(p, default="embedded-pretrain")
+    p.add_argument("--backbone", default="resnet_tiny")
+    p.add_argument("--epochs", type=int, default=15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, required=True, help="checkpoint to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from selfmask.backbones import backbone_info
+    from selfmask.data.sources import load_data
+    from selfmask.training.pretrain import pretrain_supervised, save_backbone
+    from selfmask.training.trainer import resolve_device
+
+    setup_logging()
+    backbone_info(args.backbone)
+    resolve_device(args.device)
+    if args.epochs < 1:
+        raise SelfmaskError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.out.suffix != ".safetensors":
+        raise SelfmaskError(f"--out {str(args.out)!r}: expected a .safetensors file name")
+    if args.out.exists() and not args.overwrite:
+        raise SelfmaskError(f"{args.out} exists; pass --overwrite to replace it")
+    if not args.out.parent.is_dir():
+        raise SelfmaskError(f"folder {str(args.out.parent)!r} does not exist")
+    train, _test = load_data(args.data, cache_dir=args.cache_dir, seed=args.seed)
+    model, history = pretrain_supervised(
+        train, backbone=args.backbone, epochs=args.epochs, seed=args.seed, device=args.device,
+        progress=not args.no_progress,
+    )
+    save_backbone(model, args.out)
+    print(f"saved {args.backbone} to {args.out} (final loss {history[-1]['loss']:.3f})")
+    return 0

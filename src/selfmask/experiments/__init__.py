@@ -1,0 +1,1 @@
+"""End-to-end experiments built from the pipeline pieces: evaluation protocol, demo, sweeps."""

@@ -1,0 +1,134 @@
+"""Training configuration for every method of ``selfmask adapt`` (one loop for all)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from selfmask.errors import SelfmaskError
+
+METHODS = ("mask", "topk", "fft", "linear")
+HEADS = ("linear", "masked-random")
+OBJECTIVES = ("supervised", "swav")
+
+#: The paper's optimiser settings per method (METHOD.md sections 1 and 3): used when a
+#: field is left ``None``.
+METHOD_DEFAULTS: dict[str, dict[str, float]] = {
+    "mask": {"lr": 50.0, "weight_decay": 0.0},
+    "topk": {"lr": 50.0, "weight_decay": 0.0},
+    "fft": {"lr": 0.001, "weight_decay": 5e-4},
+    "linear": {"lr": 0.1, "weight_decay": 0.0},
+}
+
+
+@dataclass
+class TrainConfig:
+    """How to adapt a backbone.
+
+    Attributes:
+        method: ``mask`` (supervised masking: scores + a new head), ``topk`` (top-k
+            mask baseline, edge-popup style), ``fft`` (full fine-tuning), ``linear``
+            (a linear head on the frozen backbone, trained with SGD).
+        objective: ``supervised`` (cross-entropy on labels) or ``swav`` (no labels).
+        epochs: passes over the training set.
+        batch_size: images per step (the paper: 64).
+        lr: learning rate of the adapted parameters (scores for mask/topk, all
+            backbone weights for fft, the head for linear); ``None`` = the paper's
+            default for the method (mask 50, fft 0.001, linear 0.1).
+        head_lr: learning rate of the new head in mask/topk/fft runs.
+        momentum: SGD momentum.
+        weight_decay: on the adapted parameters; ``None`` = method default (masks 0,
+            fft 5e-4). Weight decay on scores breaks Theorems 1-2 (METHOD.md).
+        head_weight_decay: on the head.
+        warmup_epochs: linear warm-up before the cosine decay (supervised: the paper
+            uses 40 of 150 epochs).
+        head: ``linear`` (a normal, trained linear layer) or ``masked-random`` (the
+            authors' head: random, frozen weights, masked like the backbone).
+        keep_ratio: fraction kept per tensor in ``topk`` runs.
+        threshold, init_score: mu and S0 of the masks.
+        mask_targets: a MaskConfig target preset name / regex; ``None`` = the
+            backbone's preset.
+        bn: BatchNorm statistics policy of masked runs (``train`` or ``eval``).
+        augment: random crop (padding 1/8 of the size) + horizontal flip, on device.
+        seed: seeds the model's new parameters, the data order and augmentation.
+        device: ``cpu`` or ``cuda[:N]``.
+        label_fraction / per_class: train on a seeded, stratified labelled subset.
+        log_every: steps between progress-bar updates.
+    """
+
+    method: Literal["mask", "topk", "fft", "linear"] = "mask"
+    objective: Literal["supervised", "swav"] = "supervised"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float | None = None
+    head_lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float | None = None
+    head_weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    head: Literal["linear", "masked-random"] = "linear"
+    keep_ratio: float = 0.9
+    threshold: float = 0.0
+    init_score: float = 1.0
+    mask_targets: str | None = None
+    bn: Literal["train", "eval"] = "train"
+    augment: bool = True
+    seed: int = 0
+    device: str = "cpu"
+    label_fraction: float | None = None
+    per_class: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SelfmaskError(f"unknown method {self.method!r}; expected one of {METHODS}")
+        if self.objective not in OBJECTIVES:
+            raise SelfmaskError(f"unknown objective {self.objective!r}; expected one of {OBJECTIVES}")
+        if self.head not in HEADS:
+            raise SelfmaskError(f"unknown head {self.head!r}; expected one of {HEADS}")
+        if self.epochs < 1:
+            raise SelfmaskError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise SelfmaskError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (0.0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0):
+            raise SelfmaskError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs={self.epochs})")
+        for name in ("lr", "head_lr", "weight_decay", "head_weight_decay", "momentum"):
+            v = getattr(self, name)
+            if v is not None and (not math.isfinite(v) or v < 0):
+                raise SelfmaskError(f"{name} must be a finite number >= 0, got {v}")
+        if not (0.0 < self.keep_ratio <= 1.0):
+            raise SelfmaskError(f"keep_ratio must be in (0, 1], got {self.keep_ratio}")
+        if self.label_fraction is not None and not (0.0 < self.label_fraction <= 1.0):
+            raise SelfmaskError(f"label fraction must be in (0, 1], got {self.label_fraction}")
+        if self.per_class is not None and self.per_class < 1:
+            raise SelfmaskError(f"per_class must be >= 1, got {self.per_class}")
+        if self.label_fraction is not None and self.per_class is not None:
+            raise SelfmaskError("give either a label fraction or a per-class count, not both")
+        if self.objective == "swav" and self.method not in ("mask", "topk", "fft"):
+            raise SelfmaskError(f"objective 'swav' trains masks or weights; method {self.method!r} has nothing to train")
+
+    @property
+    def resolved_lr(self) -> float:
+        return self.lr if self.lr is not None else METHOD_DEFAULTS[self.method]["lr"]
+
+    @property
+    def resolved_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return METHOD_DEFAULTS[self.method]["weight_decay"]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["resolved_lr"] = self.resolved_lr
+        out["resolved_weight_decay"] = self.resolved_weight_decay
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k not in ("resolved_lr", "resolved_weight_decay")}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SelfmaskError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+        return cls(**data)

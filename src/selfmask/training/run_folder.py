@@ -1,0 +1,194 @@
+"""A run folder: everything a training run leaves behind, written atomically.
+
+Layout::
+
+    RUN_DIR/
+      config.json          resolved configuration (backbone, weights, mask, training, data)
+      status.json          {"status": "running" | "trained" | "finished" | "interrupted" | "failed", ...}
+      metrics.jsonl        one JSON object per epoch
+      log.txt              the run's log
+      scores.safetensors   mask scores by qualified parameter name (mask/topk runs)
+      buffers.safetensors  the backbone's buffers after training (BatchNorm running statistics)
+      head.safetensors     the trained head (weight, bias)
+      weights.safetensors  fine-tuned backbone state dict (fft runs)
+      results.json         final evaluation, with the settings that produced it
+
+Every file is replaced atomically, so a killed run (or Ctrl-C) leaves a folder whose
+files are each complete; ``status.json`` says how far it got.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from selfmask.errors import SelfmaskError
+from selfmask.io import atomic_write_json, atomic_write_text
+
+RUN_FILES = (
+    "config.json",
+    "status.json",
+    "metrics.jsonl",
+    "log.txt",
+    "scores.safetensors",
+    "buffers.safetensors",
+    "head.safetensors",
+    "weights.safetensors",
+    "results.json",
+)
+
+
+class RunFolder:
+    """Create or reuse a run folder; refuses to clobber a finished run unless ``overwrite``."""
+
+    def __init__(self, path: str | Path, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self._metrics: list[dict[str, Any]] = []
+        self._handler: logging.Handler | None = None
+
+    # ------------------------------------------------------------------ preflight
+    def prepare(self) -> RunFolder:
+        """Check the folder is usable before any training starts."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise SelfmaskError(f"run folder {str(p)!r} exists and is not a folder")
+        status = self.status()
+        if status is not None and status.get("status") in ("finished", "trained") and not self.overwrite:
+            raise SelfmaskError(
+                f"run folder {str(p)!r} already holds a finished run ({status.get('status')}); "
+                "pass --overwrite to replace it "
+                "or choose another --out"
+            )
+        try:
+            p.mkdir(parents=True, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=p)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise SelfmaskError(f"run folder {str(p)!r} is not writable: {exc.strerror or exc}") from None
+        if self.overwrite:
+            for name in RUN_FILES:
+                f = p / name
+                if f.is_file():
+                    f.unlink()
+            for sub in ("plots",):
+                if (p / sub).is_dir():
+                    shutil.rmtree(p / sub)
+        return self
+
+    def status(self) -> dict[str, Any] | None:
+        f = self.path / "status.json"
+        if not f.is_file():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except (OSError, ValueError):
+            return {"status": "unreadable"}
+
+    # ------------------------------------------------------------------ writing
+    def write_json(self, name: str, obj: Any) -> Path:
+        path = self.path / name
+        atomic_write_json(path, obj)
+        return path
+
+    def set_status(self, status: str, **extra: Any) -> None:
+        self.write_json("status.json", {"status": status, **extra})
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        self._metrics.append(row)
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self._metrics))
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def attach_log(self, logger: logging.Logger) -> None:
+        handler = logging.FileHandler(self.path / "log.txt", mode="a")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        self._handler = handler
+
+    def detach_log(self, logger: logging.Logger) -> None:
+        if self._handler is not None:
+            logger.removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+
+
+def read_run_config(path: str | Path) -> dict[str, Any]:
+    """``config.json`` of a run folder, with a clear error when it is missing or invalid."""
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise SelfmaskError(f"{str(path)!r} is not a run folder: {f.name} is missing")
+    try:
+        cfg = json.loads(f.read_text())
+    except ValueError as exc:
+        raise SelfmaskError(f"{f}: invalid JSON ({exc})") from None
+    for key in ("backbone", "seed"):
+        if key not in cfg:
+            raise SelfmaskError(f"{f}: key {key!r} is missing")
+    return cfg
+
+
+def load_run(path: str | Path, device: str = "cpu"):  # noqa: ANN201  (tuple of modules)
+    """Rebuild ``(backbone, head, config)`` as a run left them: masks with their scores, or FFT weights.
+
+    The backbone is built with ``create_backbone(config["backbone"], config["weights"])``
+    (for ``weights: null``, the random initialisation after ``torch.manual_seed(seed)``).
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    from selfmask.backbones import backbone_info, create_backbone
+    from selfmask.masking import MaskConfig, mask_model, mask_scores
+
+    path = Path(path)
+    cfg = read_run_config(path)
+    torch.manual_seed(int(cfg["seed"]))
+    backbone = create_backbone(cfg["backbone"], cfg.get("weights"))
+    info = backbone_info(cfg["backbone"])
+    if cfg.get("mask"):
+        mask_model(backbone, MaskConfig.from_dict(cfg["mask"]))
+        scores_file = path / "scores.safetensors"
+        if not scores_file.is_file():
+            raise SelfmaskError(f"{scores_file} is missing: the run did not finish training")
+        stored = load_file(str(scores_file))
+        live = mask_scores(backbone)
+        if set(stored) != set(live):
+            raise SelfmaskError(
+                f"{scores_file}: score names do not match the backbone: missing {sorted(set(live) - set(stored))[:5]}, "
+                f"unexpected {sorted(set(stored) - set(live))[:5]}"
+            )
+        with torch.no_grad():
+            for k, v in stored.items():
+                if v.shape != live[k].shape:
+                    raise SelfmaskError(f"{scores_file}: {k!r} has shape {tuple(v.shape)}, expected {tuple(live[k].shape)}")
+                live[k].copy_(v)
+        buffers_file = path / "buffers.safetensors"
+        if buffers_file.is_file():
+            live_buffers = dict(backbone.named_buffers())
+            stored_buffers = load_file(str(buffers_file))
+            if set(stored_buffers) != set(live_buffers):
+                raise SelfmaskError(f"{buffers_file}: buffer names do not match backbone {cfg['backbone']!r}")
+            with torch.no_grad():
+                for k, v in stored_buffers.items():
+                    live_buffers[k].copy_(v)
+    elif (path / "weights.safetensors").is_file():
+        backbone.load_state_dict(load_file(str(path / "weights.safetensors")))
+    head = None
+    head_file = path / "head.safetensors"
+    if head_file.is_file():
+        state = load_file(str(head_file))
+        num_classes = int(cfg.get("data", {}).get("num_classes", 0)) or None
+        weight_key = "weight" if "weight" in state else "parametrizations.weight.original"
+        out_dim = state[weight_key].shape[0] if num_classes is None else num_classes
+        head = torch.nn.Linear(info.embed_dim, out_dim)
+        if "weight" not in state:
+            mask_model(head, MaskConfig(targets=["weight"]))
+        head.load_state_dict(state)
+    return backbone.to(device), (head.to(device) if head is not None else None), cfg

@@ -1,0 +1,314 @@
+"""One training loop for every adaptation method (``selfmask adapt``).
+
+``adapt(backbone, info, train_set, cfg)`` prepares the backbone for the method
+(masks for ``mask``/``topk``, everything trainable for ``fft``, frozen for
+``linear``), adds a head, and trains with SGD + momentum under a warm-up/cosine
+schedule. Optionally it writes a :class:`~selfmask.training.run_folder.RunFolder`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from selfmask.backbones.registry import BackboneInfo
+from selfmask.data.base import ImageTensorDataset, normalize_batch
+from selfmask.errors import SelfmaskError
+from selfmask.io import atomic_save_safetensors
+from selfmask.masking import MaskConfig, mask_model, mask_scores, mask_summary
+from selfmask.training.augment import random_crop_flip
+from selfmask.training.config import TrainConfig
+from selfmask.training.run_folder import RunFolder
+from selfmask.training.schedule import make_scheduler
+
+log = logging.getLogger("selfmask.train")
+
+
+class TrainingDiverged(SelfmaskError):
+    """The loss or a gradient became NaN/Inf."""
+
+
+@dataclass
+class TrainResult:
+    backbone: nn.Module
+    head: nn.Module | None
+    config: TrainConfig
+    mask_config: MaskConfig | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    train_indices: torch.Tensor | None = None  # the labelled subset used, if any
+
+
+def resolve_device(device: str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SelfmaskError(f"device {device!r} was asked for, but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise SelfmaskError(f"unsupported device {device!r}; expected cpu or cuda[:N]")
+    return dev
+
+
+def mask_config_for(cfg: TrainConfig, info: BackboneInfo) -> MaskConfig | None:
+    if cfg.method not in ("mask", "topk"):
+        return None
+    return MaskConfig(
+        targets=cfg.mask_targets or info.mask_preset,
+        mode="topk" if cfg.method == "topk" else "threshold",
+        keep_ratio=cfg.keep_ratio if cfg.method == "topk" else None,
+        threshold=cfg.threshold,
+        init_score=cfg.init_score,
+        bn=cfg.bn,
+        seed=cfg.seed,
+    )
+
+
+def prepare_model(
+    backbone: nn.Module, info: BackboneInfo, num_classes: int, cfg: TrainConfig
+) -> tuple[nn.Module, nn.Module, MaskConfig | None, list[dict[str, Any]]]:
+    """Set up backbone + head for ``cfg.method``; return them, the mask config and SGD param groups."""
+    torch.manual_seed(cfg.seed)
+    mcfg = mask_config_for(cfg, info)
+    lr, wd = cfg.resolved_lr, cfg.resolved_weight_decay
+    head = nn.Linear(info.embed_dim, num_classes)
+    groups: list[dict[str, Any]] = []
+    if mcfg is not None:
+        mask_model(backbone, mcfg)
+        groups.append({"params": list(mask_scores(backbone).values()), "lr": lr, "weight_decay": wd, "name": "scores"})
+    elif cfg.method == "fft":
+        for p in backbone.parameters():
+            p.requires_grad_(True)
+        groups.append({"params": list(backbone.parameters()), "lr": lr, "weight_decay": wd, "name": "backbone"})
+    else:  # linear
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+    if cfg.method == "linear":
+        groups.append({"params": list(head.parameters()), "lr": lr, "weight_decay": wd, "name": "head"})
+    elif cfg.head == "masked-random":
+        # the authors' head: random frozen weights, masked and trained like the backbone
+        mask_model(head, MaskConfig(targets=["weight"], threshold=cfg.threshold, init_score=cfg.init_score))
+        groups.append({"params": list(mask_scores(head).values()), "lr": lr, "weight_decay": 0.0, "name": "head-scores"})
+    else:
+        groups.append(
+            {"params": list(head.parameters()), "lr": cfg.head_lr, "weight_decay": cfg.head_weight_decay, "name": "head"}
+        )
+    return backbone, head, mcfg, groups
+
+
+def set_train_mode(backbone: nn.Module, head: nn.Module, cfg: TrainConfig) -> None:
+    # a linear probe reads the frozen backbone exactly as at evaluation (BN running stats)
+    backbone.train(cfg.method != "linear")
+    head.train()
+
+
+def select_subset(train_set: ImageTensorDataset, cfg: TrainConfig) -> tuple[ImageTensorDataset, torch.Tensor | None]:
+    if cfg.label_fraction is None and cfg.per_class is None:
+        return train_set, None
+    from selfmask.data.subsets import label_subset
+
+    sub = label_subset(train_set.labels, fraction=cfg.label_fraction, per_class=cfg.per_class, seed=cfg.seed)
+    idx = torch.as_tensor(sub.indices, dtype=torch.long)
+    return train_set.subset(idx, name=f"{train_set.name}[{len(idx)} labelled]"), idx
+
+
+def adapt(
+    backbone: nn.Module,
+    info: BackboneInfo,
+    train_set: ImageTensorDataset,
+    cfg: TrainConfig,
+    *,
+    run: RunFolder | None = None,
+    run_meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train ``backbone`` on ``train_set`` with ``cfg`` (supervised objective).
+
+    Writes ``config.json``, ``status.json``, ``metrics.jsonl``, ``log.txt``,
+    ``scores.safetensors`` / ``weights.safetensors`` and ``head.safetensors`` into
+    ``run`` when one is given. Raises :class:`TrainingDiverged` on a NaN/Inf loss.
+    """
+    if cfg.objective != "supervised":
+        raise SelfmaskError(f"adapt(): objective {cfg.objective!r} is trained by adapt_swav()")
+    dev = resolve_device(cfg.device)
+    data, subset_idx = select_subset(train_set, cfg)
+    if len(data) == 0:
+        raise SelfmaskError(f"training set {train_set.name!r} is empty")
+    if len(data) < 2 and cfg.method != "linear":
+        raise SelfmaskError(f"training set {data.name!r} has {len(data)} image(s); BatchNorm training needs at least 2")
+    backbone, head, mcfg, groups = prepare_model(backbone, info, train_set.num_classes, cfg)
+    backbone.to(dev)
+    head.to(dev)
+    opt = torch.optim.SGD([{k: v for k, v in g.items() if k != "name"} for g in groups], momentum=cfg.momentum)
+    bs = min(cfg.batch_size, len(data))
+    steps_per_epoch = max(1, len(data) // bs)  # drop the last partial batch (BatchNorm)
+    total = steps_per_epoch * cfg.epochs
+    sched = make_scheduler(opt, total, round(cfg.warmup_epochs * steps_per_epoch))
+    if run is not None:
+        run.attach_log(log)
+        meta = dict(run_meta or {})
+        run.write_json(
+            "config.json",
+            {
+                "backbone": info.name,
+                "weights": meta.pop("weights", None),
+                "seed": cfg.seed,
+                "mask": mcfg.to_dict() if mcfg else None,
+                "train": cfg.to_dict(),
+                "data": {
+                    "name": train_set.name,
+                    "num_classes": train_set.num_classes,
+                    "train_images": len(train_set),
+                    "labelled_images": len(data),
+                    "resolution": train_set.resolution,
+                },
+                **meta,
+            },
+        )
+        run.set_status("running", epoch=0, total_epochs=cfg.epochs)
+    log.info(
+        "adapt: method=%s backbone=%s images=%d batch=%d epochs=%d lr=%g device=%s",
+        cfg.method, info.name, len(data), bs, cfg.epochs, cfg.resolved_lr, dev,
+    )
+    gen = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, Any]] = []
+    step = 0
+    images, labels = data.images, data.labels
+    try:
+        for epoch in range(cfg.epochs):
+            set_train_mode(backbone, head, cfg)
+            perm = torch.randperm(len(data), generator=gen)
+            t0 = time.perf_counter()
+            loss_sum = torch.zeros((), device=dev)
+            correct = torch.zeros((), device=dev, dtype=torch.long)
+            seen = 0
+            bar = _progress(steps_per_epoch, f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", progress)
+            for i in range(steps_per_epoch):
+                idx = perm[i * bs : (i + 1) * bs]
+                x = images[idx].to(dev, non_blocking=True)
+                y = labels[idx].to(dev, non_blocking=True)
+                if cfg.augment:
+                    x = random_crop_flip(x, gen)
+                x = normalize_batch(x, info.mean, info.std)
+                logits = head(backbone(x))
+                loss = nn.functional.cross_entropy(logits, y)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {step} (epoch {epoch + 1}, batch {i + 1}); "
+                        "training stopped. Lower the learning rate or check the data."
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                loss_sum += loss.detach() * len(y)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+                if bar is not None:
+                    bar.update(1)
+                    if i % 10 == 0 or i == steps_per_epoch - 1:
+                        el = time.perf_counter() - t0
+                        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / max(el, 1e-9):.0f}")
+            if bar is not None:
+                bar.close()
+            seconds = time.perf_counter() - t0
+            row: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "step": step,
+                "loss": (loss_sum / seen).item(),
+                "train_accuracy": correct.item() / seen,
+                "lr": opt.param_groups[0]["lr"],
+                "seconds": seconds,
+                "images_per_second": seen / max(seconds, 1e-9),
+            }
+            if mcfg is not None:
+                row["fraction_active"] = mask_summary(backbone).fraction_active
+            history.append(row)
+            log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+            if run is not None:
+                run.append_metrics(row)
+                run.set_status("running", epoch=epoch + 1, total_epochs=cfg.epochs)
+            if on_epoch is not None:
+                on_epoch(row)
+    except KeyboardInterrupt:
+        if run is not None:
+            run.set_status("interrupted", epoch=len(history), step=step, total_epochs=cfg.epochs)
+            run.detach_log(log)
+        raise
+    except TrainingDiverged:
+        if run is not None:
+            run.set_status("failed", reason="loss diverged", epoch=len(history), step=step)
+            run.detach_log(log)
+        raise
+    result = TrainResult(backbone, head, cfg, mcfg, history, subset_idx)
+    if run is not None:
+        save_trained(result, run)
+        run.set_status("trained", epoch=len(history), step=step, total_epochs=cfg.epochs)
+        run.detach_log(log)
+    return result
+
+
+def save_trained(result: TrainResult, run: RunFolder) -> None:
+    """Write the trained state (scores or weights, and the head) into the run folder."""
+    if result.mask_config is not None:
+        atomic_save_safetensors(run.file("scores.safetensors"), {k: v for k, v in mask_scores(result.backbone).items()})
+        # BatchNorm running statistics keep updating during mask training (bn="train"):
+        # they are part of the adapted model, so they are stored beside the scores.
+        atomic_save_safetensors(run.file("buffers.safetensors"), dict(result.backbone.named_buffers()))
+    elif result.config.method == "fft":
+        atomic_save_safetensors(run.file("weights.safetensors"), result.backbone.state_dict())
+    if result.head is not None:
+        head_state = {k: v for k, v in result.head.state_dict().items()}
+        atomic_save_safetensors(run.file("head.safetensors"), head_state)
+
+
+@torch.no_grad()
+def classify(
+    backbone: nn.Module,
+    head: nn.Module,
+    dataset: ImageTensorDataset,
+    info: BackboneInfo,
+    device: str = "cpu",
+    batch_size: int = 256,
+) -> float:
+    """Top-1 accuracy of ``head(backbone(x))`` on un-augmented ``dataset``."""
+    dev = resolve_device(device)
+    backbone.eval()
+    head.eval()
+    correct = 0
+    for start in range(0, len(dataset), batch_size):
+        x = normalize_batch(dataset.images[start : start + batch_size].to(dev), info.mean, info.std)
+        y = dataset.labels[start : start + batch_size].to(dev)
+        correct += int((head(backbone(x)).argmax(1) == y).sum())
+    return correct / max(1, len(dataset))
+
+
+def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+
+
+def count_trainable_bits(result: TrainResult) -> dict[str, float]:
+    """Stored size of an adaptation in bits: 1 bit per mask entry, 32 per fp32 weight."""
+    head_bits = 0
+    if result.head is not None:
+        if result.config.head == "masked-random" and result.config.method != "linear":
+            head_bits = sum(s.numel() for s in mask_scores(result.head).values())
+        else:
+            head_bits = 32 * sum(p.numel() for p in result.head.parameters())
+    if result.mask_config is not None:
+        s = mask_summary(result.backbone)
+        return {"backbone_bits": s.raw_bits, "entropy_bits": s.entropy_bits, "head_bits": head_bits}
+    if result.config.method == "fft":
+        bits = 32 * sum(p.numel() for p in result.backbone.parameters())
+        return {"backbone_bits": bits, "entropy_bits": math.nan, "head_bits": head_bits}
+    return {"backbone_bits": 0, "entropy_bits": 0.0, "head_bits": head_bits}
