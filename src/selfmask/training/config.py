@@ -54,7 +54,9 @@ class TrainConfig:
         seed: seeds the model's new parameters, the data order and augmentation.
         device: ``cpu`` or ``cuda[:N]``.
         label_fraction / per_class: train on a seeded, stratified labelled subset.
-        log_every: steps between progress-bar updates.
+        init_from: a run folder whose mask scores (and BatchNorm buffers) start this
+            mask run, e.g. a self-supervised SMN continued with supervised masking on a
+            few labels (the semi-supervised setting).
     """
 
     method: Literal["mask", "topk", "fft", "linear"] = "mask"
@@ -78,6 +80,7 @@ class TrainConfig:
     device: str = "cpu"
     label_fraction: float | None = None
     per_class: int | None = None
+    init_from: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -105,6 +108,8 @@ class TrainConfig:
             raise SelfmaskError(f"per_class must be >= 1, got {self.per_class}")
         if self.label_fraction is not None and self.per_class is not None:
             raise SelfmaskError("give either a label fraction or a per-class count, not both")
+        if self.init_from is not None and self.method not in ("mask", "topk"):
+            raise SelfmaskError(f"init_from continues mask scores; method {self.method!r} has none")
         if self.objective == "swav" and self.method not in ("mask", "topk", "fft"):
             raise SelfmaskError(f"objective 'swav' trains masks or weights; method {self.method!r} has nothing to train")
 

@@ -135,7 +135,7 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-def load_run(path: str | Path, device: str = "cpu"):  # noqa: ANN201  (tuple of modules)
+def load_run(path: str | Path, device: str = "cpu"):
     """Rebuild ``(backbone, head, config)`` as a run left them: masks with their scores, or FFT weights.
 
     The backbone is built with ``create_backbone(config["backbone"], config["weights"])``
@@ -145,7 +145,7 @@ def load_run(path: str | Path, device: str = "cpu"):  # noqa: ANN201  (tuple of 
     from safetensors.torch import load_file
 
     from selfmask.backbones import backbone_info, create_backbone
-    from selfmask.masking import MaskConfig, mask_model, mask_scores
+    from selfmask.masking import MaskConfig, mask_model
 
     path = Path(path)
     cfg = read_run_config(path)
@@ -154,30 +154,7 @@ def load_run(path: str | Path, device: str = "cpu"):  # noqa: ANN201  (tuple of 
     info = backbone_info(cfg["backbone"])
     if cfg.get("mask"):
         mask_model(backbone, MaskConfig.from_dict(cfg["mask"]))
-        scores_file = path / "scores.safetensors"
-        if not scores_file.is_file():
-            raise SelfmaskError(f"{scores_file} is missing: the run did not finish training")
-        stored = load_file(str(scores_file))
-        live = mask_scores(backbone)
-        if set(stored) != set(live):
-            raise SelfmaskError(
-                f"{scores_file}: score names do not match the backbone: missing {sorted(set(live) - set(stored))[:5]}, "
-                f"unexpected {sorted(set(stored) - set(live))[:5]}"
-            )
-        with torch.no_grad():
-            for k, v in stored.items():
-                if v.shape != live[k].shape:
-                    raise SelfmaskError(f"{scores_file}: {k!r} has shape {tuple(v.shape)}, expected {tuple(live[k].shape)}")
-                live[k].copy_(v)
-        buffers_file = path / "buffers.safetensors"
-        if buffers_file.is_file():
-            live_buffers = dict(backbone.named_buffers())
-            stored_buffers = load_file(str(buffers_file))
-            if set(stored_buffers) != set(live_buffers):
-                raise SelfmaskError(f"{buffers_file}: buffer names do not match backbone {cfg['backbone']!r}")
-            with torch.no_grad():
-                for k, v in stored_buffers.items():
-                    live_buffers[k].copy_(v)
+        load_scores_and_buffers(backbone, path)
     elif (path / "weights.safetensors").is_file():
         backbone.load_state_dict(load_file(str(path / "weights.safetensors")))
     head = None
@@ -192,3 +169,36 @@ def load_run(path: str | Path, device: str = "cpu"):  # noqa: ANN201  (tuple of 
             mask_model(head, MaskConfig(targets=["weight"]))
         head.load_state_dict(state)
     return backbone.to(device), (head.to(device) if head is not None else None), cfg
+
+
+def load_scores_and_buffers(backbone: Any, path: str | Path) -> None:
+    """Copy ``scores.safetensors`` (and ``buffers.safetensors`` if present) of a run into a masked backbone."""
+    import torch
+    from safetensors.torch import load_file
+
+    from selfmask.masking import mask_scores
+
+    path = Path(path)
+    scores_file = path / "scores.safetensors"
+    if not scores_file.is_file():
+        raise SelfmaskError(f"{scores_file} is missing: {str(path)!r} is not a finished mask run")
+    stored = load_file(str(scores_file))
+    live = mask_scores(backbone)
+    if set(stored) != set(live):
+        raise SelfmaskError(
+            f"{scores_file}: score names do not match the backbone: missing {sorted(set(live) - set(stored))[:5]}, "
+            f"unexpected {sorted(set(stored) - set(live))[:5]}"
+        )
+    with torch.no_grad():
+        for k, v in stored.items():
+            if v.shape != live[k].shape:
+                raise SelfmaskError(f"{scores_file}: {k!r} has shape {tuple(v.shape)}, expected {tuple(live[k].shape)}")
+            live[k].copy_(v)
+        buffers_file = path / "buffers.safetensors"
+        if buffers_file.is_file():
+            live_buffers = dict(backbone.named_buffers())
+            stored_buffers = load_file(str(buffers_file))
+            if set(stored_buffers) != set(live_buffers):
+                raise SelfmaskError(f"{buffers_file}: buffer names do not match the backbone")
+            for k, v in stored_buffers.items():
+                live_buffers[k].copy_(v)

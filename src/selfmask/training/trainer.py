@@ -68,17 +68,17 @@ def mask_config_for(cfg: TrainConfig, info: BackboneInfo) -> MaskConfig | None:
     )
 
 
-def prepare_model(
-    backbone: nn.Module, info: BackboneInfo, num_classes: int, cfg: TrainConfig
-) -> tuple[nn.Module, nn.Module, MaskConfig | None, list[dict[str, Any]]]:
-    """Set up backbone + head for ``cfg.method``; return them, the mask config and SGD param groups."""
-    torch.manual_seed(cfg.seed)
+def prepare_backbone(
+    backbone: nn.Module, info: BackboneInfo, cfg: TrainConfig
+) -> tuple[MaskConfig | None, list[dict[str, Any]]]:
+    """Masks (mask/topk), everything trainable (fft) or everything frozen (linear); SGD param groups."""
     mcfg = mask_config_for(cfg, info)
     lr, wd = cfg.resolved_lr, cfg.resolved_weight_decay
-    head = nn.Linear(info.embed_dim, num_classes)
     groups: list[dict[str, Any]] = []
     if mcfg is not None:
         mask_model(backbone, mcfg)
+        if cfg.init_from is not None:
+            load_scores_into(backbone, cfg.init_from)
         groups.append({"params": list(mask_scores(backbone).values()), "lr": lr, "weight_decay": wd, "name": "scores"})
     elif cfg.method == "fft":
         for p in backbone.parameters():
@@ -87,6 +87,24 @@ def prepare_model(
     else:  # linear
         for p in backbone.parameters():
             p.requires_grad_(False)
+    return mcfg, groups
+
+
+def load_scores_into(backbone: nn.Module, run_dir: str) -> None:
+    """Copy a run folder's scores (and BatchNorm buffers) into an already masked ``backbone``."""
+    from selfmask.training.run_folder import load_scores_and_buffers
+
+    load_scores_and_buffers(backbone, run_dir)
+
+
+def prepare_model(
+    backbone: nn.Module, info: BackboneInfo, num_classes: int, cfg: TrainConfig
+) -> tuple[nn.Module, nn.Module, MaskConfig | None, list[dict[str, Any]]]:
+    """Set up backbone + head for ``cfg.method``; return them, the mask config and SGD param groups."""
+    torch.manual_seed(cfg.seed)
+    head = nn.Linear(info.embed_dim, num_classes)
+    mcfg, groups = prepare_backbone(backbone, info, cfg)
+    lr, wd = cfg.resolved_lr, cfg.resolved_weight_decay
     if cfg.method == "linear":
         groups.append({"params": list(head.parameters()), "lr": lr, "weight_decay": wd, "name": "head"})
     elif cfg.head == "masked-random":
@@ -98,6 +116,81 @@ def prepare_model(
             {"params": list(head.parameters()), "lr": cfg.head_lr, "weight_decay": cfg.head_weight_decay, "name": "head"}
         )
     return backbone, head, mcfg, groups
+
+
+def make_optimizer(groups: list[dict[str, Any]], momentum: float) -> torch.optim.SGD:
+    return torch.optim.SGD([{k: v for k, v in g.items() if k != "name"} for g in groups], momentum=momentum)
+
+
+def write_run_config(
+    run: RunFolder,
+    info: BackboneInfo,
+    train_set: ImageTensorDataset,
+    labelled: int,
+    cfg: TrainConfig,
+    mcfg: MaskConfig | None,
+    run_meta: dict[str, Any] | None,
+    **extra: Any,
+) -> None:
+    meta = dict(run_meta or {})
+    run.write_json(
+        "config.json",
+        {
+            "backbone": info.name,
+            "weights": meta.pop("weights", None),
+            "seed": cfg.seed,
+            "mask": mcfg.to_dict() if mcfg else None,
+            "train": cfg.to_dict(),
+            "data": {
+                "name": train_set.name,
+                "num_classes": train_set.num_classes,
+                "train_images": len(train_set),
+                "labelled_images": labelled,
+                "resolution": train_set.resolution,
+            },
+            **extra,
+            **meta,
+        },
+    )
+    run.set_status("running", epoch=0, total_epochs=cfg.epochs)
+
+
+class RunGuard:
+    """Keeps ``status.json`` truthful when training stops early (Ctrl-C, divergence)."""
+
+    def __init__(self, run: RunFolder | None, total_epochs: int) -> None:
+        self.run, self.total_epochs = run, total_epochs
+        self.epoch = self.step = 0
+
+    def __enter__(self) -> RunGuard:
+        if self.run is not None:
+            self.run.attach_log(log)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self.run is None:
+            return
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.run.set_status("interrupted", epoch=self.epoch, step=self.step, total_epochs=self.total_epochs)
+        elif exc_type is not None and issubclass(exc_type, TrainingDiverged):
+            self.run.set_status("failed", reason=str(exc), epoch=self.epoch, step=self.step)
+        elif exc_type is not None:
+            self.run.set_status("failed", reason=f"{exc_type.__name__}: {exc}", epoch=self.epoch, step=self.step)
+        self.run.detach_log(log)
+
+    def end_epoch(self, row: dict[str, Any]) -> None:
+        self.epoch, self.step = row["epoch"], row["step"]
+        if self.run is not None:
+            self.run.append_metrics(row)
+            self.run.set_status("running", epoch=self.epoch, total_epochs=self.total_epochs)
+
+
+def check_finite(loss: torch.Tensor, step: int, epoch: int, batch: int) -> None:
+    if not torch.isfinite(loss):
+        raise TrainingDiverged(
+            f"loss became {loss.item()} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
+            "training stopped. Lower the learning rate or check the data."
+        )
 
 
 def set_train_mode(backbone: nn.Module, head: nn.Module, cfg: TrainConfig) -> None:
@@ -144,33 +237,13 @@ def adapt(
     backbone, head, mcfg, groups = prepare_model(backbone, info, train_set.num_classes, cfg)
     backbone.to(dev)
     head.to(dev)
-    opt = torch.optim.SGD([{k: v for k, v in g.items() if k != "name"} for g in groups], momentum=cfg.momentum)
+    opt = make_optimizer(groups, cfg.momentum)
     bs = min(cfg.batch_size, len(data))
     steps_per_epoch = max(1, len(data) // bs)  # drop the last partial batch (BatchNorm)
     total = steps_per_epoch * cfg.epochs
     sched = make_scheduler(opt, total, round(cfg.warmup_epochs * steps_per_epoch))
     if run is not None:
-        run.attach_log(log)
-        meta = dict(run_meta or {})
-        run.write_json(
-            "config.json",
-            {
-                "backbone": info.name,
-                "weights": meta.pop("weights", None),
-                "seed": cfg.seed,
-                "mask": mcfg.to_dict() if mcfg else None,
-                "train": cfg.to_dict(),
-                "data": {
-                    "name": train_set.name,
-                    "num_classes": train_set.num_classes,
-                    "train_images": len(train_set),
-                    "labelled_images": len(data),
-                    "resolution": train_set.resolution,
-                },
-                **meta,
-            },
-        )
-        run.set_status("running", epoch=0, total_epochs=cfg.epochs)
+        write_run_config(run, info, train_set, len(data), cfg, mcfg, run_meta)
     log.info(
         "adapt: method=%s backbone=%s images=%d batch=%d epochs=%d lr=%g device=%s",
         cfg.method, info.name, len(data), bs, cfg.epochs, cfg.resolved_lr, dev,
@@ -179,7 +252,7 @@ def adapt(
     history: list[dict[str, Any]] = []
     step = 0
     images, labels = data.images, data.labels
-    try:
+    with RunGuard(run, cfg.epochs) as guard:
         for epoch in range(cfg.epochs):
             set_train_mode(backbone, head, cfg)
             perm = torch.randperm(len(data), generator=gen)
@@ -197,11 +270,7 @@ def adapt(
                 x = normalize_batch(x, info.mean, info.std)
                 logits = head(backbone(x))
                 loss = nn.functional.cross_entropy(logits, y)
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {step} (epoch {epoch + 1}, batch {i + 1}); "
-                        "training stopped. Lower the learning rate or check the data."
-                    )
+                check_finite(loss, step, epoch, i)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -210,11 +279,7 @@ def adapt(
                 loss_sum += loss.detach() * len(y)
                 correct += (logits.argmax(1) == y).sum()
                 seen += len(y)
-                if bar is not None:
-                    bar.update(1)
-                    if i % 10 == 0 or i == steps_per_epoch - 1:
-                        el = time.perf_counter() - t0
-                        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / max(el, 1e-9):.0f}")
+                _tick(bar, i, steps_per_epoch, loss, seen, t0)
             if bar is not None:
                 bar.close()
             seconds = time.perf_counter() - t0
@@ -230,27 +295,14 @@ def adapt(
             if mcfg is not None:
                 row["fraction_active"] = mask_summary(backbone).fraction_active
             history.append(row)
-            log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
-            if run is not None:
-                run.append_metrics(row)
-                run.set_status("running", epoch=epoch + 1, total_epochs=cfg.epochs)
+            log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt_row(row))
+            guard.end_epoch(row)
             if on_epoch is not None:
                 on_epoch(row)
-    except KeyboardInterrupt:
-        if run is not None:
-            run.set_status("interrupted", epoch=len(history), step=step, total_epochs=cfg.epochs)
-            run.detach_log(log)
-        raise
-    except TrainingDiverged:
-        if run is not None:
-            run.set_status("failed", reason="loss diverged", epoch=len(history), step=step)
-            run.detach_log(log)
-        raise
     result = TrainResult(backbone, head, cfg, mcfg, history, subset_idx)
     if run is not None:
         save_trained(result, run)
         run.set_status("trained", epoch=len(history), step=step, total_epochs=cfg.epochs)
-        run.detach_log(log)
     return result
 
 
@@ -289,7 +341,19 @@ def classify(
     return correct / max(1, len(dataset))
 
 
-def _progress(total: int, desc: str, enabled: bool):  # noqa: ANN202
+def _tick(bar: Any, i: int, steps: int, loss: torch.Tensor, seen: int, t0: float) -> None:
+    if bar is None:
+        return
+    bar.update(1)
+    if i % 10 == 0 or i == steps - 1:
+        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
+
+
+def _fmt_row(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
+
+
+def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
