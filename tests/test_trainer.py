@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_stripes
 
+from conftest import make_stripes
 from selfmask.backbones import backbone_info, build_backbone
 from selfmask.errors import SelfmaskError
 from selfmask.masking import current_masks, mask_scores

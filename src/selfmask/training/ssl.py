@@ -33,6 +33,7 @@ from selfmask.training.trainer import (
     _progress,
     _tick,
     check_finite,
+    epoch_permutation,
     make_optimizer,
     prepare_backbone,
     resolve_device,
@@ -123,7 +124,7 @@ def adapt_swav(
         for epoch in range(cfg.epochs):
             backbone.train()
             objective.train()
-            perm = torch.randperm(n, generator=gen)
+            perm = epoch_permutation(n, cfg.seed, epoch)
             t0 = time.perf_counter()
             loss_sum = 0.0
             seen = 0

@@ -185,6 +185,11 @@ class RunGuard:
             self.run.set_status("running", epoch=self.epoch, total_epochs=self.total_epochs)
 
 
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
 def check_finite(loss: torch.Tensor, step: int, epoch: int, batch: int) -> None:
     if not torch.isfinite(loss):
         raise TrainingDiverged(
@@ -255,7 +260,7 @@ def adapt(
     with RunGuard(run, cfg.epochs) as guard:
         for epoch in range(cfg.epochs):
             set_train_mode(backbone, head, cfg)
-            perm = torch.randperm(len(data), generator=gen)
+            perm = epoch_permutation(len(data), cfg.seed, epoch)
             t0 = time.perf_counter()
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), device=dev, dtype=torch.long)
