@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from selfmask.errors import SelfmaskError
-from selfmask.io import atomic_write_json, atomic_write_text
+from selfmask.io import atomic_write_text
 
 log = logging.getLogger("selfmask.demo")
 
@@ -39,7 +39,7 @@ class DemoConfig:
     device: str = "cpu"
     overwrite: bool = False
     fractions: tuple[float, ...] = (1.0, 0.1, 0.04, 0.01)
-    methods: tuple[str, ...] = ("fft", "mask", "topk")
+    methods: tuple[str, ...] = ("knn", "lp", "smn-knn", "smn-lp", "fft", "mask", "topk", "semi")
     pretrain_epochs: int = 15
     #: optimisation steps per adaptation run at 100 % labels; low-label runs get
     #: proportionally fewer, but at least ``min_steps``.
@@ -47,6 +47,8 @@ class DemoConfig:
     min_steps: int = 120
     warmup_fraction: float = 40 / 150  # the paper's 40 warm-up epochs of 150 (supervised)
     topk_keep_ratio: float = 0.9
+    smn_steps: int = 600  # SwAV optimisation steps of the self-masking network
+    smn_prototypes: int = 100
     knn_k: int = 200
     knn_temperature: float = 0.1
     progress: bool = True
@@ -59,14 +61,10 @@ class DemoConfig:
             self.pretrain_epochs = min(self.pretrain_epochs, 4)
             self.steps_full = min(self.steps_full, 60)
             self.min_steps = min(self.min_steps, 30)
+            self.smn_steps = min(self.smn_steps, 40)
         for f in self.fractions:
             if not (0.0 < f <= 1.0):
                 raise SelfmaskError(f"label fraction must be in (0, 1], got {f}")
-
-
-def _epochs_for(n_labelled: int, batch: int, steps: int) -> int:
-    steps_per_epoch = max(1, n_labelled // min(batch, n_labelled))
-    return max(1, math.ceil(steps / steps_per_epoch))
 
 
 def pretrained_checkpoint(cfg: DemoConfig, bench: Any) -> Path:
@@ -90,18 +88,39 @@ def pretrained_checkpoint(cfg: DemoConfig, bench: Any) -> Path:
     return path
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Run the demo; returns the ``results.json`` content."""
-    from selfmask.backbones import backbone_info, create_backbone
-    from selfmask.data.embedded import load_embedded
-    from selfmask.data.subsets import label_subset
-    from selfmask.evaluation import extract_features
-    from selfmask.experiments.evaluate import evaluate_features
-    from selfmask.masking import mask_summary
-    from selfmask.reports import markdown_table, plot_lowshot, plot_sparsity, plot_training_loss
+def train_smn(cfg: DemoConfig, info: Any, ckpt: Path, train: Any) -> tuple[Path, list[dict[str, Any]]]:
+    """The self-masking network: masks trained with SwAV on all downstream images, no labels."""
+    from selfmask.backbones import create_backbone
+    from selfmask.objectives import SwAVConfig
     from selfmask.training.config import TrainConfig
     from selfmask.training.run_folder import RunFolder
-    from selfmask.training.trainer import adapt, classify, count_trainable_bits
+    from selfmask.training.ssl import adapt_swav
+
+    steps_per_epoch = max(1, len(train) // 64)
+    epochs = max(1, math.ceil(cfg.smn_steps / steps_per_epoch))
+    swav = SwAVConfig(
+        num_prototypes=cfg.smn_prototypes,
+        queue_length=0 if cfg.quick else min(512, len(train) // 2),
+        queue_start_epoch=max(1, round(0.2 * epochs)),  # the paper: epoch 30 of 150
+        freeze_prototypes_iters=max(1, cfg.smn_steps // 20),
+    )
+    tcfg = TrainConfig(method="mask", objective="swav", epochs=epochs, seed=cfg.seed, device=cfg.device)
+    run_dir = cfg.out / "runs" / "smn"
+    result = adapt_swav(
+        create_backbone(cfg.backbone, ckpt), info, train, tcfg, swav, run=RunFolder(run_dir, overwrite=True).prepare(),
+        run_meta={"weights": str(ckpt)}, progress=cfg.progress,
+    )
+    RunFolder(run_dir).set_status("finished")
+    return run_dir, result.history
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Run the demo; returns the ``results.json`` content."""
+    from selfmask.backbones import backbone_info
+    from selfmask.data.embedded import load_embedded
+    from selfmask.experiments.lowshot import LowShotContext, lowshot_row
+    from selfmask.reports import markdown_table, plot_lowshot, plot_sparsity, plot_training_loss
+    from selfmask.training.run_folder import RunFolder
 
     t_start = time.perf_counter()
     out = RunFolder(cfg.out, overwrite=cfg.overwrite).prepare()
@@ -110,74 +129,37 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     bench = load_embedded(seed=cfg.seed, cache_dir=cfg.cache_dir, size="tiny" if cfg.quick else "default")
     ckpt = pretrained_checkpoint(cfg, bench)
     train, test = bench.downstream_train, bench.downstream_test
-    pretrained = create_backbone(cfg.backbone, ckpt)
-    f_train = extract_features(pretrained, train, info.mean, info.std, device=cfg.device)
-    f_test = extract_features(pretrained, test, info.mean, info.std, device=cfg.device)
-
-    rows: list[dict[str, Any]] = []
-    histories: dict[str, list[dict[str, Any]]] = {}
-    sparsity: dict[str, list[tuple[str, float]]] = {}
-    embed_bits = 32 * info.embed_dim * train.num_classes + 32 * train.num_classes  # a linear head
-    for frac in cfg.fractions:
-        subset = label_subset(train.labels, fraction=frac, seed=cfg.seed)
-        idx = torch.as_tensor(subset.indices, dtype=torch.long)
-        common = {"label_fraction": frac, "labelled_images": len(idx), "seed": cfg.seed}
+    ctx = LowShotContext(
+        info=info, weights=str(ckpt), train=train, test=test, out_dir=cfg.out, device=cfg.device,
+        steps_full=cfg.steps_full, min_steps=cfg.min_steps, warmup_fraction=cfg.warmup_fraction,
+        topk_keep_ratio=cfg.topk_keep_ratio, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
+        progress=cfg.progress,
+    )
+    if any(m in ("smn-knn", "smn-lp", "semi") for m in cfg.methods):
         t0 = time.perf_counter()
-        ev = evaluate_features(
-            pretrained, info, train, test, bank_indices=idx, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
-            seed=cfg.seed, train_features=f_train, test_features=f_test,
-        )
-        rows.append({"method": "k-NN (pretrained)", **common, "accuracy": ev["knn_accuracy"],
-                     "knn_accuracy": ev["knn_accuracy"], "stored_bits": 0, **_knn_settings(ev),
-                     "seconds": time.perf_counter() - t0})
-        rows.append({"method": "linear probe", **common, "accuracy": ev["linear_probe_accuracy"],
-                     "linear_probe_accuracy": ev["linear_probe_accuracy"], "stored_bits": embed_bits,
-                     "probe": ev["linear_probe"]})
+        ctx.smn_dir, smn_history = train_smn(cfg, info, ckpt, train)
+        ctx.histories["SMN (SwAV, no labels)"] = smn_history
+        log.info("self-masking network trained in %.0f s", time.perf_counter() - t0)
+    rows: list[dict[str, Any]] = []
+    for frac in cfg.fractions:
         for method in cfg.methods:
-            t0 = time.perf_counter()
-            epochs = _epochs_for(len(idx), 64, max(cfg.min_steps, round(cfg.steps_full * frac)))
-            tcfg = TrainConfig(
-                method=method, epochs=epochs, warmup_epochs=round(cfg.warmup_fraction * epochs, 3) if epochs > 1 else 0.0,
-                keep_ratio=cfg.topk_keep_ratio, seed=cfg.seed, device=cfg.device, label_fraction=frac,
-            )
-            run_dir = cfg.out / "runs" / f"{method}-{frac:g}"
-            result = adapt(
-                create_backbone(cfg.backbone, ckpt), info, train, tcfg,
-                run=RunFolder(run_dir, overwrite=True).prepare(), run_meta={"weights": str(ckpt)}, progress=cfg.progress,
-            )
-            acc = classify(result.backbone, result.head, test, info, device=cfg.device)
-            ev = evaluate_features(
-                result.backbone, info, train, test, bank_indices=idx, knn_k=cfg.knn_k,
-                knn_temperature=cfg.knn_temperature, seed=cfg.seed, device=cfg.device,
-            )
-            bits = count_trainable_bits(result)
-            row = {"method": _LABELS[method], **common, "accuracy": acc, "knn_accuracy": ev["knn_accuracy"],
-                   "linear_probe_accuracy": ev["linear_probe_accuracy"], **_knn_settings(ev),
-                   "stored_bits": bits["backbone_bits"] + bits["head_bits"], "entropy_bits": bits["entropy_bits"],
-                   "epochs": epochs, "steps": result.history[-1]["step"], "run": str(run_dir),
-                   "seconds": time.perf_counter() - t0}
-            if result.mask_config is not None:
-                s = mask_summary(result.backbone)
-                row["fraction_active"] = s.fraction_active
-                if frac == 1.0:
-                    sparsity[_LABELS[method]] = [(t.name, t.fraction_active) for t in s.tensors]
+            if method == "semi" and frac == 1.0:
+                continue  # semi-supervised continuation is a low-label setting
+            row = lowshot_row(ctx, method, frac, cfg.seed)
             rows.append(row)
-            histories[f"{_LABELS[method]} @ {frac:g}"] = result.history
-            results_dir = RunFolder(run_dir)
-            results_dir.write_json("results.json", row)
-            results_dir.set_status("finished")
-            log.info("%s @ %g labels: accuracy %.3f (k-NN %.3f)", method, frac, acc, ev["knn_accuracy"])
+            log.info("%s @ %g labels: accuracy %.3f", row["method"], frac, row["accuracy"])
 
     plots = {
         "lowshot": str(plot_lowshot(rows, cfg.out / "lowshot.png")),
-        "loss": str(plot_training_loss(histories, cfg.out / "loss.png")),
+        "loss": str(plot_training_loss(ctx.histories, cfg.out / "loss.png")),
     }
-    if sparsity:
-        plots["sparsity"] = str(plot_sparsity(sparsity, cfg.out / "sparsity.png"))
+    if ctx.sparsity:
+        plots["sparsity"] = str(plot_sparsity(ctx.sparsity, cfg.out / "sparsity.png"))
     results = {
         "benchmark": {k: v for k, v in bench.meta.items() if isinstance(v, (str, int, float, list, dict))},
         "backbone": cfg.backbone,
         "pretrained_checkpoint": str(ckpt),
+        "smn_run": str(ctx.smn_dir) if ctx.smn_dir else None,
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
         "seconds": time.perf_counter() - t_start,
@@ -189,8 +171,6 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     out.set_status("finished", seconds=results["seconds"])
     return results
 
-
-_LABELS = {"fft": "FFT", "mask": "supervised mask", "topk": "top-k mask", "linear": "linear (SGD)"}
 
 TABLE_COLUMNS = [
     ("method", "method"),
@@ -240,4 +220,4 @@ def load_results(path: str | Path) -> dict[str, Any]:
     return json.loads(Path(path).read_text())
 
 
-__all__ = ["DemoConfig", "run_demo", "print_table", "atomic_write_json"]
+__all__ = ["DemoConfig", "print_table", "run_demo"]
