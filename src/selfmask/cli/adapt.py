@@ -55,10 +55,36 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, (typ, help_) in _TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    add_swav_args(p)
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_eval_args(p)
     p.set_defaults(func=run)
+
+
+def add_swav_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("self-supervised (--objective swav)")
+    g.add_argument("--prototypes", type=int, default=None, help="number of prototypes K (default 500)")
+    g.add_argument("--queue-length", type=int, default=None, help="queue length, 0 = none (default 512)")
+    g.add_argument("--queue-start-epoch", type=int, default=None, help="0-based epoch the queue starts (default 30)")
+    g.add_argument("--freeze-prototypes-iters", type=int, default=None, help="steps with frozen prototypes (default 313)")
+    g.add_argument("--small-crops", type=int, default=None, help="number of small crops (default 6)")
+    g.add_argument("--online-knn-every", type=int, default=0, help="k-NN on a held-out tenth of the training set "
+                   "every N epochs, to watch progress (0 = off)")
+
+
+def swav_settings(args: argparse.Namespace, info: object, seed: int):  # noqa: ANN201
+    """SwAVConfig and MultiCrop from the flags (paper defaults otherwise)."""
+    from selfmask.data.multicrop import MultiCrop
+    from selfmask.objectives import SwAVConfig
+
+    kw = {k: v for k, v in {
+        "num_prototypes": args.prototypes, "queue_length": args.queue_length,
+        "queue_start_epoch": args.queue_start_epoch, "freeze_prototypes_iters": args.freeze_prototypes_iters,
+    }.items() if v is not None}
+    crop_kw = {"n_small": args.small_crops} if args.small_crops is not None else {}
+    crops = MultiCrop.for_input_size(info.input_size, seed=seed, mean=info.mean, std=info.std, **crop_kw)
+    return SwAVConfig(**kw), crops
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -107,15 +133,26 @@ def run(args: argparse.Namespace) -> int:
         raise SelfmaskError(f"data {other['data']!r}: empty split (train {len(train)}, test {len(test)} images)")
     torch.manual_seed(cfg.seed)
     backbone = create_backbone(info.name, other["weights"])
-    result = adapt(
-        backbone, info, train, cfg, run=run_folder, progress=not args.no_progress,
-        run_meta={"weights": other["weights"], "data_spec": other["data"]},
-    )
+    meta = {"weights": other["weights"], "data_spec": other["data"]}
+    if cfg.objective == "swav":
+        from selfmask.training.ssl import OnlineEval, adapt_swav
+
+        swav, crops = swav_settings(args, info, cfg.seed)
+        online = None
+        if args.online_knn_every > 0:
+            held = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+            cut = max(1, len(train) // 10)
+            online = OnlineEval(train.subset(held[cut:]), train.subset(held[:cut]), every=args.online_knn_every)
+        result = adapt_swav(backbone, info, train, cfg, swav, crops=crops, run=run_folder, run_meta=meta,
+                            progress=not args.no_progress, online_eval=online)
+    else:
+        result = adapt(backbone, info, train, cfg, run=run_folder, progress=not args.no_progress, run_meta=meta)
     results: dict[str, Any] = {"method": cfg.method, "label_fraction": cfg.label_fraction, "per_class": cfg.per_class,
                                "seed": cfg.seed, "backbone": info.name, "data": other["data"],
                                "final_train_loss": result.history[-1]["loss"], **count_trainable_bits(result)}
     if not args.no_eval:
-        results["test_accuracy"] = classify(result.backbone, result.head, test, info, device=cfg.device)
+        if result.head is not None:
+            results["test_accuracy"] = classify(result.backbone, result.head, test, info, device=cfg.device)
         results.update(
             evaluate_features(
                 result.backbone, info, train, test, bank_indices=result.train_indices, knn_k=args.knn_k,

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order ``selfmask --help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "adapt", "eval", "pretrain", "bench")
+COMMANDS: tuple[str, ...] = ("demo", "adapt", "eval", "pretrain", "lowshot", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
