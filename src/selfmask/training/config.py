@@ -57,6 +57,8 @@ class TrainConfig:
         init_from: a run folder whose mask scores (and BatchNorm buffers) start this
             mask run, e.g. a self-supervised SMN continued with supervised masking on a
             few labels (the semi-supervised setting).
+        checkpoint_every: write a resumable checkpoint every this many steps (0: only
+            at the end of each epoch; checkpoints need a run folder).
     """
 
     method: Literal["mask", "topk", "fft", "linear"] = "mask"
@@ -81,6 +83,7 @@ class TrainConfig:
     label_fraction: float | None = None
     per_class: int | None = None
     init_from: str | None = None
+    checkpoint_every: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -108,6 +111,8 @@ class TrainConfig:
             raise SelfmaskError(f"per_class must be >= 1, got {self.per_class}")
         if self.label_fraction is not None and self.per_class is not None:
             raise SelfmaskError("give either a label fraction or a per-class count, not both")
+        if self.checkpoint_every < 0:
+            raise SelfmaskError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.init_from is not None and self.method not in ("mask", "topk"):
             raise SelfmaskError(f"init_from continues mask scores; method {self.method!r} has none")
         if self.objective == "swav" and self.method not in ("mask", "topk", "fft"):

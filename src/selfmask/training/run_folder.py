@@ -12,6 +12,7 @@ Layout::
       head.safetensors     the trained head (weight, bias)
       weights.safetensors  fine-tuned backbone state dict (fft runs)
       results.json         final evaluation, with the settings that produced it
+      checkpoint.pt        resumable training state (``selfmask adapt --resume RUN_DIR``)
 
 Every file is replaced atomically, so a killed run (or Ctrl-C) leaves a folder whose
 files are each complete; ``status.json`` says how far it got.
@@ -40,6 +41,7 @@ RUN_FILES = (
     "head.safetensors",
     "weights.safetensors",
     "results.json",
+    "checkpoint.pt",
 )
 
 
@@ -103,6 +105,10 @@ class RunFolder:
     def append_metrics(self, row: dict[str, Any]) -> None:
         self._metrics.append(row)
         atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self._metrics))
+
+    def restore_metrics(self, rows: list[dict[str, Any]]) -> None:
+        """Continue ``metrics.jsonl`` from a checkpoint's rows (resume)."""
+        self._metrics = list(rows)
 
     def file(self, name: str) -> Path:
         return self.path / name

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,16 +23,11 @@ from selfmask.errors import SelfmaskError
 from selfmask.masking import mask_summary
 from selfmask.objectives import SwAVConfig, SwAVObjective, collapse_warning, validate_queue
 from selfmask.training.config import TrainConfig
+from selfmask.training.loop import LoopSpec, run_epochs
 from selfmask.training.run_folder import RunFolder
 from selfmask.training.schedule import make_scheduler
 from selfmask.training.trainer import (
-    RunGuard,
     TrainResult,
-    _fmt_row,
-    _progress,
-    _tick,
-    check_finite,
-    epoch_permutation,
     make_optimizer,
     prepare_backbone,
     resolve_device,
@@ -82,6 +76,7 @@ def adapt_swav(
     progress: bool = True,
     online_eval: OnlineEval | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train with SwAV; labels of ``train_set`` are never read.
 
@@ -111,64 +106,46 @@ def adapt_swav(
     opt = make_optimizer(groups + objective.param_groups(), cfg.momentum)
     steps_per_epoch = max(1, n // bs)
     sched = make_scheduler(opt, steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch))
-    if run is not None:
+    if run is not None and not resume:
         write_run_config(run, info, train_set, 0, cfg, mcfg, run_meta, swav=swav.to_dict(), crops=_crops_dict(crops))
     log.info(
         "adapt (SwAV): method=%s backbone=%s images=%d batch=%d epochs=%d lr=%g prototypes=%d device=%s",
         cfg.method, info.name, n, bs, cfg.epochs, cfg.resolved_lr, swav.num_prototypes, dev,
     )
     gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict[str, Any]] = []
-    step = 0
-    with RunGuard(run, cfg.epochs) as guard:
-        for epoch in range(cfg.epochs):
-            backbone.train()
-            objective.train()
-            perm = epoch_permutation(n, cfg.seed, epoch)
-            t0 = time.perf_counter()
-            loss_sum = 0.0
-            seen = 0
-            bar = _progress(steps_per_epoch, f"SwAV {cfg.method} epoch {epoch + 1}/{cfg.epochs}", progress)
-            for i in range(steps_per_epoch):
-                x = train_set.images[perm[i * bs : (i + 1) * bs]].to(dev, non_blocking=True)
-                views = crops(x, generator=gen)
-                loss, _stats = objective(_embed_crops(backbone, views), epoch=epoch, iteration=step)
-                check_finite(loss, step, epoch, i)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                objective.after_optimizer_step()
-                sched.step()
-                step += 1
-                loss_sum += float(loss.detach()) * x.shape[0]
-                seen += x.shape[0]
-                _tick(bar, i, steps_per_epoch, loss, seen, t0)
-            if bar is not None:
-                bar.close()
-            seconds = time.perf_counter() - t0
-            usage = objective.prototype_usage()
-            row: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "step": step,
-                "loss": loss_sum / seen,
-                "prototypes_used": usage["used_fraction"],
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": seconds,
-                "images_per_second": seen / max(seconds, 1e-9),
-            }
-            if mcfg is not None:
-                row["fraction_active"] = mask_summary(backbone).fraction_active
-            warning = collapse_warning(row["loss"], swav.num_prototypes, **usage)
-            if warning:
-                row["collapse_warning"] = warning
-                log.warning("epoch %d: %s", epoch + 1, warning)
-            if online_eval is not None and ((epoch + 1) % online_eval.every == 0 or epoch + 1 == cfg.epochs):
-                row["online_knn"] = _online_knn(backbone, info, online_eval, cfg.device)
-            history.append(row)
-            log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt_row(row))
-            guard.end_epoch(row)
-            if on_epoch is not None:
-                on_epoch(row)
+
+    def step_fn(idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x = train_set.images[idx].to(dev, non_blocking=True)
+        loss, _stats = objective(_embed_crops(backbone, crops(x, generator=gen)), epoch=epoch, iteration=step)
+        return loss, {"loss": float(loss.detach()) * len(idx), "seen": len(idx)}
+
+    def set_mode() -> None:
+        backbone.train()
+        objective.train()
+
+    def epoch_row(sums: dict[str, float]) -> dict[str, Any]:
+        usage = objective.prototype_usage()
+        row: dict[str, Any] = {"loss": sums["loss"] / sums["seen"], "prototypes_used": usage["used_fraction"]}
+        if mcfg is not None:
+            row["fraction_active"] = mask_summary(backbone).fraction_active
+        warning = collapse_warning(row["loss"], swav.num_prototypes, **usage)
+        if warning:
+            row["collapse_warning"] = warning
+            log.warning("%s", warning)
+        if online_eval is not None and (len(history_ref) + 1) % online_eval.every == 0:
+            row["online_knn"] = _online_knn(backbone, info, online_eval, cfg.device)
+        history_ref.append(None)
+        return row
+
+    history_ref: list[None] = []
+    spec = LoopSpec(
+        num_items=n, batch_size=bs, epochs=cfg.epochs, seed=cfg.seed, optimizer=opt, scheduler=sched, generator=gen,
+        modules={"backbone": backbone, "objective": objective}, set_train_mode=set_mode, epoch_row=epoch_row,
+        after_step=objective.after_optimizer_step, extra_state={"assignment_counts": objective.assignment_counts},
+        checkpoint_every=cfg.checkpoint_every, desc=f"SwAV {cfg.method}", progress=progress,
+    )
+    history, step = run_epochs(spec, step_fn, run=run, resume=resume, on_epoch=on_epoch,
+                               config_fingerprint={"train": cfg.to_dict(), "swav": swav.to_dict()})
     result = TrainResult(backbone, None, cfg, mcfg, history, None)
     if run is not None:
         save_trained(result, run)

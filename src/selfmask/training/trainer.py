@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,14 +24,11 @@ from selfmask.io import atomic_save_safetensors
 from selfmask.masking import MaskConfig, mask_model, mask_scores, mask_summary
 from selfmask.training.augment import random_crop_flip
 from selfmask.training.config import TrainConfig
+from selfmask.training.loop import LoopSpec, TrainingDiverged, run_epochs
 from selfmask.training.run_folder import RunFolder
 from selfmask.training.schedule import make_scheduler
 
 log = logging.getLogger("selfmask.train")
-
-
-class TrainingDiverged(SelfmaskError):
-    """The loss or a gradient became NaN/Inf."""
 
 
 @dataclass
@@ -185,19 +181,6 @@ class RunGuard:
             self.run.set_status("running", epoch=self.epoch, total_epochs=self.total_epochs)
 
 
-def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
-    """The data order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same order."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def check_finite(loss: torch.Tensor, step: int, epoch: int, batch: int) -> None:
-    if not torch.isfinite(loss):
-        raise TrainingDiverged(
-            f"loss became {loss.item()} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
-            "training stopped. Lower the learning rate or check the data."
-        )
-
-
 def set_train_mode(backbone: nn.Module, head: nn.Module, cfg: TrainConfig) -> None:
     # a linear probe reads the frozen backbone exactly as at evaluation (BN running stats)
     backbone.train(cfg.method != "linear")
@@ -224,6 +207,7 @@ def adapt(
     run_meta: dict[str, Any] | None = None,
     progress: bool = True,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
 ) -> TrainResult:
     """Train ``backbone`` on ``train_set`` with ``cfg`` (supervised objective).
 
@@ -245,65 +229,40 @@ def adapt(
     opt = make_optimizer(groups, cfg.momentum)
     bs = min(cfg.batch_size, len(data))
     steps_per_epoch = max(1, len(data) // bs)  # drop the last partial batch (BatchNorm)
-    total = steps_per_epoch * cfg.epochs
-    sched = make_scheduler(opt, total, round(cfg.warmup_epochs * steps_per_epoch))
-    if run is not None:
+    sched = make_scheduler(opt, steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch))
+    if run is not None and not resume:
         write_run_config(run, info, train_set, len(data), cfg, mcfg, run_meta)
     log.info(
         "adapt: method=%s backbone=%s images=%d batch=%d epochs=%d lr=%g device=%s",
         cfg.method, info.name, len(data), bs, cfg.epochs, cfg.resolved_lr, dev,
     )
-    gen = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict[str, Any]] = []
-    step = 0
     images, labels = data.images, data.labels
-    with RunGuard(run, cfg.epochs) as guard:
-        for epoch in range(cfg.epochs):
-            set_train_mode(backbone, head, cfg)
-            perm = epoch_permutation(len(data), cfg.seed, epoch)
-            t0 = time.perf_counter()
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), device=dev, dtype=torch.long)
-            seen = 0
-            bar = _progress(steps_per_epoch, f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}", progress)
-            for i in range(steps_per_epoch):
-                idx = perm[i * bs : (i + 1) * bs]
-                x = images[idx].to(dev, non_blocking=True)
-                y = labels[idx].to(dev, non_blocking=True)
-                if cfg.augment:
-                    x = random_crop_flip(x, gen)
-                x = normalize_batch(x, info.mean, info.std)
-                logits = head(backbone(x))
-                loss = nn.functional.cross_entropy(logits, y)
-                check_finite(loss, step, epoch, i)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                loss_sum += loss.detach() * len(y)
-                correct += (logits.argmax(1) == y).sum()
-                seen += len(y)
-                _tick(bar, i, steps_per_epoch, loss, seen, t0)
-            if bar is not None:
-                bar.close()
-            seconds = time.perf_counter() - t0
-            row: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "step": step,
-                "loss": (loss_sum / seen).item(),
-                "train_accuracy": correct.item() / seen,
-                "lr": opt.param_groups[0]["lr"],
-                "seconds": seconds,
-                "images_per_second": seen / max(seconds, 1e-9),
-            }
-            if mcfg is not None:
-                row["fraction_active"] = mask_summary(backbone).fraction_active
-            history.append(row)
-            log.info("epoch %d/%d %s", epoch + 1, cfg.epochs, _fmt_row(row))
-            guard.end_epoch(row)
-            if on_epoch is not None:
-                on_epoch(row)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def step_fn(idx: torch.Tensor, _epoch: int, _step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        x = images[idx].to(dev, non_blocking=True)
+        y = labels[idx].to(dev, non_blocking=True)
+        if cfg.augment:
+            x = random_crop_flip(x, gen)
+        logits = head(backbone(normalize_batch(x, info.mean, info.std)))
+        loss = nn.functional.cross_entropy(logits, y)
+        n = len(y)
+        return loss, {"loss": float(loss.detach()) * n, "correct": float((logits.argmax(1) == y).sum()), "seen": n}
+
+    def epoch_row(sums: dict[str, float]) -> dict[str, Any]:
+        row = {"loss": sums["loss"] / sums["seen"], "train_accuracy": sums["correct"] / sums["seen"]}
+        if mcfg is not None:
+            row["fraction_active"] = mask_summary(backbone).fraction_active
+        return row
+
+    spec = LoopSpec(
+        num_items=len(data), batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, optimizer=opt,
+        scheduler=sched, generator=gen, modules={"backbone": backbone, "head": head},
+        set_train_mode=lambda: set_train_mode(backbone, head, cfg), epoch_row=epoch_row,
+        checkpoint_every=cfg.checkpoint_every, desc=cfg.method, progress=progress,
+    )
+    history, step = run_epochs(spec, step_fn, run=run, resume=resume, on_epoch=on_epoch,
+                               config_fingerprint=cfg.to_dict())
     result = TrainResult(backbone, head, cfg, mcfg, history, subset_idx)
     if run is not None:
         save_trained(result, run)
@@ -344,26 +303,6 @@ def classify(
         y = dataset.labels[start : start + batch_size].to(dev)
         correct += int((head(backbone(x)).argmax(1) == y).sum())
     return correct / max(1, len(dataset))
-
-
-def _tick(bar: Any, i: int, steps: int, loss: torch.Tensor, seen: int, t0: float) -> None:
-    if bar is None:
-        return
-    bar.update(1)
-    if i % 10 == 0 or i == steps - 1:
-        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
-
-
-def _fmt_row(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()}
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, disable=None)
 
 
 def count_trainable_bits(result: TrainResult) -> dict[str, float]:

@@ -1,0 +1,247 @@
+"""The step/epoch engine shared by the supervised and self-supervised loops.
+
+It owns what every run needs and nothing method-specific: the epoch order, the
+optimiser step, the schedule, NaN/Inf checks, per-epoch metrics, progress bars,
+checkpoints (atomic, every ``checkpoint_every`` steps and at each epoch end) and
+resuming from them, and clean stops on SIGINT/SIGTERM (at a step boundary, after
+writing a checkpoint).
+
+A checkpoint holds the state of every module, the optimiser and scheduler, the
+random generators, the epoch/batch/step counters, the partial epoch sums and the
+metrics so far; it is written with ``torch.save`` and read back with
+``torch.load(weights_only=True)``. A run killed at any point and resumed ends with
+the same masks, bit for bit, as an uninterrupted run on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from selfmask.errors import SelfmaskError
+from selfmask.io import atomic_write_bytes
+
+log = logging.getLogger("selfmask.train")
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = 1
+
+#: ``step_fn(indices, epoch, step) -> (loss, sums)``: forward pass for one batch; ``sums``
+#: are per-epoch accumulators (e.g. ``{"loss": loss * n, "seen": n, "correct": k}``).
+StepFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, dict[str, float]]]
+
+
+class TrainingDiverged(SelfmaskError):
+    """The loss became NaN/Inf."""
+
+
+class StopRequested(KeyboardInterrupt):
+    """SIGINT/SIGTERM arrived; the run stopped cleanly at a step boundary."""
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a function of (seed, epoch) alone, so a resumed run sees the same order."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+@dataclass
+class LoopSpec:
+    """What the engine needs to run ``epochs`` over ``num_items`` items."""
+
+    num_items: int
+    batch_size: int
+    epochs: int
+    seed: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    generator: torch.Generator
+    modules: dict[str, nn.Module]  # everything whose state a checkpoint must hold
+    set_train_mode: Callable[[], None]
+    epoch_row: Callable[[dict[str, float]], dict[str, Any]]  # sums of the epoch -> metrics row
+    after_step: Callable[[], None] | None = None
+    extra_state: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors restored in place
+    checkpoint_every: int = 0
+    desc: str = "train"
+    progress: bool = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, self.num_items // min(self.batch_size, self.num_items))  # drop the last partial batch
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag while training (main thread only); restored on exit."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Signals:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.requested is not None:  # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run_epochs(
+    spec: LoopSpec,
+    step_fn: StepFn,
+    *,
+    run: Any = None,
+    resume: bool = False,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    config_fingerprint: dict[str, Any] | None = None,
+) -> tuple[list[dict[str, Any]], int]:
+    """Train; returns ``(history, steps)``. ``run`` is a RunFolder (or None for no files)."""
+    from selfmask.training.trainer import RunGuard  # status bookkeeping
+
+    steps_per_epoch = spec.steps_per_epoch
+    bs = min(spec.batch_size, spec.num_items)
+    epoch, batch, step = 0, 0, 0
+    sums: dict[str, float] = {}
+    history: list[dict[str, Any]] = []
+    if resume:
+        if run is None:
+            raise SelfmaskError("resume needs a run folder")
+        epoch, batch, step, sums, history = load_checkpoint(run.file(CHECKPOINT), spec, config_fingerprint)
+        run.restore_metrics(history)
+        log.info("resumed %s at epoch %d, batch %d (step %d)", run.path, epoch + 1, batch + 1, step)
+    with RunGuard(run, spec.epochs) as guard, _Signals() as signals:
+        guard.epoch, guard.step = epoch, step
+        while epoch < spec.epochs:
+            spec.set_train_mode()
+            perm = epoch_permutation(spec.num_items, spec.seed, epoch)
+            t0 = time.perf_counter()
+            bar = _progress(steps_per_epoch, f"{spec.desc} epoch {epoch + 1}/{spec.epochs}", spec.progress, batch)
+            while batch < steps_per_epoch:
+                loss, batch_sums = step_fn(perm[batch * bs : (batch + 1) * bs], epoch, step)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss became {loss.item()} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
+                        "training stopped, the last checkpoint is kept. Lower the learning rate or check the data."
+                    )
+                spec.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                spec.optimizer.step()
+                if spec.after_step is not None:
+                    spec.after_step()
+                spec.scheduler.step()
+                step += 1
+                batch += 1
+                for k, v in batch_sums.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                if bar is not None:
+                    bar.update(1)
+                    if batch % 10 == 1 or batch == steps_per_epoch:
+                        el = time.perf_counter() - t0
+                        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{sums.get('seen', 0) / max(el, 1e-9):.0f}")
+                guard.step = step
+                stop = signals.requested
+                if run is not None and batch < steps_per_epoch and (
+                    stop or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
+                ):
+                    save_checkpoint(run.file(CHECKPOINT), spec, epoch, batch, step, sums, history, config_fingerprint)
+                if stop:
+                    if bar is not None:
+                        bar.close()
+                    raise StopRequested(f"stopped by {stop} at step {step}")
+            if bar is not None:
+                bar.close()
+            seconds = time.perf_counter() - t0
+            row = {"epoch": epoch + 1, "step": step, **spec.epoch_row(sums)}
+            row["lr"] = spec.optimizer.param_groups[0]["lr"]
+            row["seconds"] = seconds
+            row["images_per_second"] = sums.get("seen", 0.0) / max(seconds, 1e-9)
+            history.append(row)
+            log.info("epoch %d/%d %s", epoch + 1, spec.epochs, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+            guard.end_epoch(row)
+            epoch, batch, sums = epoch + 1, 0, {}
+            if run is not None:
+                save_checkpoint(run.file(CHECKPOINT), spec, epoch, batch, step, sums, history, config_fingerprint)
+            if on_epoch is not None:
+                on_epoch(row)
+            if signals.requested:
+                raise StopRequested(f"stopped by {signals.requested} at step {step}")
+    return history, step
+
+
+def save_checkpoint(
+    path: Path,
+    spec: LoopSpec,
+    epoch: int,
+    batch: int,
+    step: int,
+    sums: dict[str, float],
+    history: list[dict[str, Any]],
+    config_fingerprint: dict[str, Any] | None,
+) -> None:
+    state = {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "batch": batch,
+        "step": step,
+        "sums": dict(sums),
+        "history": history,
+        "config": config_fingerprint or {},
+        "modules": {name: m.state_dict() for name, m in spec.modules.items()},
+        "extra_state": {k: v.detach().clone() for k, v in spec.extra_state.items()},
+        "optimizer": spec.optimizer.state_dict(),
+        "scheduler": spec.scheduler.state_dict(),
+        "rng": {"generator": spec.generator.get_state(), "torch": torch.get_rng_state()},
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(
+    path: Path, spec: LoopSpec, config_fingerprint: dict[str, Any] | None
+) -> tuple[int, int, int, dict[str, float], list[dict[str, Any]]]:
+    if not path.is_file():
+        raise SelfmaskError(f"cannot resume: {path} does not exist (the run wrote no checkpoint yet)")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (any unreadable checkpoint is one clear error)
+        raise SelfmaskError(f"cannot resume: {path} is unreadable or not a selfmask checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise SelfmaskError(f"cannot resume: {path} has an unknown checkpoint format")
+    if config_fingerprint is not None and state.get("config") != config_fingerprint:
+        raise SelfmaskError(f"cannot resume: {path} was written with different settings than this run's config.json")
+    for name, module in spec.modules.items():
+        if name not in state["modules"]:
+            raise SelfmaskError(f"cannot resume: {path} lacks the state of {name!r}")
+        module.load_state_dict(state["modules"][name])
+    for k, t in spec.extra_state.items():
+        t.copy_(state["extra_state"][k])
+    spec.optimizer.load_state_dict(state["optimizer"])
+    spec.scheduler.load_state_dict(state["scheduler"])
+    spec.generator.set_state(state["rng"]["generator"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["epoch"], state["batch"], state["step"], dict(state["sums"]), list(state["history"])
+
+
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):  # noqa: ANN202
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, disable=None)
