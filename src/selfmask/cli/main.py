@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order ``selfmask --help`` lists them.
-COMMANDS: tuple[str, ...] = ("bench",)
+COMMANDS: tuple[str, ...] = ("bench", "pack", "inspect", "apply", "compress-report")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -119,7 +119,7 @@ def decode(payload: bytes, codec: str, numel: int, active: int, *, where: str = 
             words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
             coder = constriction.stream.stack.AnsCoder(words)
             flat = coder.decode(_bernoulli(active, numel), numel).astype(np.bool_)
-        except Exception as exc:  # constriction raises plain Python errors on corrupt data
+        except (ValueError, RuntimeError, OverflowError) as exc:  # constriction's errors on corrupt data
             raise SelfmaskError(f"{where}: corrupt 'ans' payload ({exc})") from None
     got = int(np.count_nonzero(flat))
     if got != active:

@@ -61,10 +61,8 @@ def load_run(run_dir: str | Path) -> RunModel:
         raise SelfmaskError(f"{config_path}: 'weights' must be a path or null, got {weights!r}")
     if type(seed) is not int:
         raise SelfmaskError(f"{config_path}: 'seed' must be an integer, got {seed!r}")
-    if weights is not None and not Path(weights).is_absolute() and not Path(weights).exists():
-        # a relative path is tried from the run folder as well
-        if (run_dir / weights).exists():
-            weights = str(run_dir / weights)
+    if weights is not None and not Path(weights).exists() and (run_dir / weights).exists():
+        weights = str(run_dir / weights)  # a relative path is tried from the run folder as well
     try:
         mask_dict = cfg.get("mask")
         config = (
