@@ -348,7 +348,9 @@ def test_mask_bank_switches_exactly(tmp_path) -> None:
         assert torch.equal(out_a, model_a(x))
         assert torch.equal(bank.activate("b")(x), model_b(x))
         bank.activate("a")
+        merged_a = merge_mask(plain_tiny(), tmp_path / "a.mask").state_dict()
         for k, v in plain.state_dict().items():
+            assert torch.equal(v.view(-1).view(torch.uint8), merged_a[k].view(-1).view(torch.uint8)), k
             assert torch.equal(v.view(-1).view(torch.uint8), state_a[k].view(-1).view(torch.uint8)), k
         bank.deactivate()
     for k, v in plain.state_dict().items():

@@ -4,8 +4,8 @@ A :class:`MaskBank` owns a plain backbone. It keeps one copy of the original
 weights of every tensor any of its masks touches, and each task's masks packed at
 one bit per weight (``numpy.packbits`` layout) on the model's device. Activating a
 task writes ``theta * M / alpha`` straight into the model's parameters, with the
-same arithmetic as the masked forward (``(theta * M) * (1 / sqrt(mean(M)))``), so
-the outputs equal those of the masked model; deactivating copies the originals back,
+same numbers as the masked forward (``(theta * M) * (1 / sqrt(mean(M)))``, bit for
+bit), so the outputs equal those of the masked model; deactivating copies the originals back,
 bit for bit. Memory: the model, one copy of the masked originals, and ``n / 8``
 bytes per task.
 
@@ -122,8 +122,11 @@ class MaskBank:
                     param.copy_(original)
                     continue
                 mask = unpack_bits_torch(packed, original.numel()).view(original.shape)
-                torch.mul(original, mask, out=param)
-                param.mul_(task.inv_alpha[tname])
+                # theta * (M * inv_alpha) in one same-dtype multiply: bit for bit (theta * M) * inv_alpha,
+                # since theta * 1 = theta and theta * 0 = (theta * 0) * inv_alpha = +-0 (sign of theta)
+                inv_alpha = task.inv_alpha[tname]
+                scale = torch.where(mask, inv_alpha, inv_alpha.new_zeros(()))
+                torch.mul(original, scale, out=param)
         self.active = name
         return self.model
 
