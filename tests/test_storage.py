@@ -361,6 +361,16 @@ def test_mask_bank_switches_exactly(tmp_path) -> None:
     assert bank.original_bytes() == 4 * n
 
 
+@pytest.mark.parametrize("numel", [1, 8, 13, 1000])
+def test_unpack_bits_device_paths_agree(numel: int) -> None:
+    from selfmask.storage.bank import unpack_bits_shifts, unpack_bits_torch
+
+    flat = random_mask((numel,), 0.6, seed=numel)
+    packed = torch.from_numpy(np.frombuffer(codecs.pack_bits(flat.numpy()), dtype=np.uint8).copy())
+    assert torch.equal(unpack_bits_torch(packed, numel), flat)
+    assert torch.equal(unpack_bits_shifts(packed, numel), flat)
+
+
 def test_mask_bank_refuses_wrong_backbone(tmp_path) -> None:
     save_mask(masked_tiny(0.9), tmp_path / "a.mask")
     bank = MaskBank(plain_tiny(seed=4))

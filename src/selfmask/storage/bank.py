@@ -41,6 +41,11 @@ def unpack_bits_torch(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`~selfmask.storage.codecs.pack_bits` on any device: flat bool of ``numel``."""
     if packed.device.type == "cpu":
         return torch.from_numpy(np.unpackbits(packed.numpy(), count=numel, bitorder="little").view(np.bool_))
+    return unpack_bits_shifts(packed, numel)
+
+
+def unpack_bits_shifts(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """:func:`unpack_bits_torch` with tensor shifts only (the path used on GPUs)."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = packed.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1)
     return bits.view(-1)[:numel].view(torch.bool)
@@ -152,4 +157,4 @@ class MaskBank:
         return self._tasks[name]
 
 
-__all__ = ["MaskBank", "unpack_bits_torch"]
+__all__ = ["MaskBank", "unpack_bits_shifts", "unpack_bits_torch"]
