@@ -73,10 +73,35 @@ def test_codec_round_trip_and_size_near_entropy(shape: tuple[int, ...], density:
     assert len(payload) * 8 <= n * binary_entropy(k / n) + 64
     if k in (0, n):
         assert codec == "const" and payload == b""
+    rows = shape[0] if len(shape) >= 2 else None
     for name in codecs.CODECS:
-        if name == "const" and k not in (0, n):
+        if (name == "const" and k not in (0, n)) or (name == "ans-channel" and rows is None):
             continue
-        assert np.array_equal(codecs.decode(codecs.encode(flat, name), name, n, k), flat)
+        payload = codecs.encode(flat, name, rows=rows)
+        assert np.array_equal(codecs.decode(payload, name, n, k, rows=rows), flat)
+
+
+def structured_mask(rows: int = 32, cols: int = 300, seed: int = 0) -> torch.Tensor:
+    """Rows (output channels) of very different densities, some all ones or all zeros."""
+    g = torch.Generator().manual_seed(seed)
+    density = torch.rand(rows, 1, generator=g)
+    density[:3] = torch.tensor([[0.0], [1.0], [1.0]])
+    return torch.rand(rows, cols, generator=g) < density
+
+
+def test_channel_codec_wins_on_structured_masks() -> None:
+    flat = structured_mask().reshape(-1).numpy()
+    k = int(flat.sum())
+    codec, payload = codecs.encode_best(flat, rows=32)
+    assert codec == "ans-channel"
+    assert len(payload) < len(codecs.encode(flat, "ans"))
+    assert np.array_equal(codecs.decode(payload, codec, flat.size, k, rows=32), flat)
+    with pytest.raises(SelfmaskError, match="row count"):
+        codecs.decode(payload, codec, flat.size, k, rows=7)
+    with pytest.raises(SelfmaskError, match="decoded|corrupt"):
+        codecs.decode(payload, codec, flat.size, k - 1, rows=32)
+    uniform = random_mask((32, 300), 0.9).reshape(-1).numpy()
+    assert codecs.encode_best(uniform, rows=32)[0] == "ans"  # no channel structure: per-tensor wins
 
 
 def test_codec_rejects_bad_payloads() -> None:
@@ -107,6 +132,7 @@ def sample_masks() -> dict[str, torch.Tensor]:
         masks[f"block{i}.conv.weight"] = random_mask(shape, density, seed=i)
     masks["all_ones.weight"] = torch.ones(5, 6, dtype=torch.bool)
     masks["all_zeros.weight"] = torch.zeros(9, dtype=torch.bool)
+    masks["structured.weight"] = structured_mask(16, 36).reshape(16, 4, 3, 3)
     return masks
 
 
@@ -135,6 +161,7 @@ def test_file_round_trip_bit_identical_with_extras() -> None:
     assert mf.config == MaskConfig(targets=["weight"])
     info = {i.name: i for i in mf.tensors}
     assert info["all_ones.weight"].codec == "const" and info["all_zeros.weight"].payload_bytes == 0
+    assert info["structured.weight"].codec == "ans-channel"
     assert mf.summary()["header_bytes"] < 4096
 
 

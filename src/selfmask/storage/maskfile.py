@@ -184,6 +184,11 @@ def _stored_entries(config: MaskConfig, name: str, shape: tuple[int, ...]) -> to
     return selective_trainable_mask(shape, config.trainable_fraction, config.seed, name)
 
 
+def _rows(shape: tuple[int, ...], all_stored: bool) -> int | None:
+    """Output channels for the per-channel codec: ``shape[0]`` of a tensor stored whole, of rank >= 2."""
+    return shape[0] if all_stored and len(shape) >= 2 and shape[0] > 0 else None
+
+
 def _selected_count(config: MaskConfig, numel: int) -> int:
     if config.trainable_fraction >= 1.0 or numel == 0:
         return numel
@@ -226,7 +231,7 @@ def encode_mask_file(
                 )
             flat = flat[stored]
         bits = flat.numpy()
-        codec, payload = codecs.encode_best(bits)
+        codec, payload = codecs.encode_best(bits, rows=_rows(shape, stored is None))
         infos.append(MaskTensorInfo(name, shape, int(bits.size), int(np.count_nonzero(bits)), codec, len(payload)))
         blobs.append(payload)
     index = [
@@ -289,9 +294,16 @@ def decode_mask_file(data: bytes, where: str = "<mask bytes>", *, max_entries: i
     for info in infos:
         payload = bytes(blob[offset : offset + info.payload_bytes])
         offset += info.payload_bytes
-        bits = codecs.decode(payload, info.codec, info.coded, info.coded_active, where=f"{where}: tensor {info.name!r}")
-        flat = torch.from_numpy(bits.copy())
         stored = _stored_entries(config, info.name, info.shape)
+        bits = codecs.decode(
+            payload,
+            info.codec,
+            info.coded,
+            info.coded_active,
+            rows=_rows(info.shape, stored is None),
+            where=f"{where}: tensor {info.name!r}",
+        )
+        flat = torch.from_numpy(bits.copy())
         if stored is not None:
             full = torch.ones(info.numel, dtype=torch.bool)
             full[stored.reshape(-1)] = flat
