@@ -38,9 +38,21 @@ def _target_shapes(backbone: str, preset: str) -> dict[str, torch.Size]:
     return {n: p.shape for n, p in model.named_parameters() if config.matches(n)}
 
 
-def _random_masks(shapes: dict[str, torch.Size], active_fraction: float, seed: int) -> dict[str, torch.Tensor]:
+def _random_masks(
+    shapes: dict[str, torch.Size], active_fraction: float, seed: int, per_channel: bool = False
+) -> dict[str, torch.Tensor]:
+    """Independent entries at ``active_fraction``; with ``per_channel``, each output channel
+    draws its own density uniformly from ``[2p - 1, 1]`` (mean ``p``), as masks with
+    channel structure."""
     g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(s, generator=g) < active_fraction for n, s in shapes.items()}
+    out = {}
+    for n, s in shapes.items():
+        density: torch.Tensor | float = active_fraction
+        if per_channel and len(s) >= 2:
+            low = max(0.0, 2 * active_fraction - 1)
+            density = low + (1 - low) * torch.rand((s[0],) + (1,) * (len(s) - 1), generator=g)
+        out[n] = torch.rand(s, generator=g) < density
+    return out
 
 
 def _median_time(fn: Callable[[], object], repeats: int) -> float:
@@ -58,10 +70,15 @@ def mask_file_size(
     active_fraction: float = 0.923,
     seed: int = 0,
     repeats: int = 3,
-) -> dict[str, float | int | str]:
-    """Size of a mask file of random masks against the entropy bound and other compressors."""
+    per_channel: bool = False,
+) -> dict[str, float | int | str | bool]:
+    """Size of a mask file of random masks against the entropy bound and other compressors.
+
+    ``per_channel``: channel-structured masks (see ``_random_masks``), where the
+    per-channel codec goes below the per-tensor bound.
+    """
     shapes = _target_shapes(backbone, preset)
-    masks = _random_masks(shapes, active_fraction, seed)
+    masks = _random_masks(shapes, active_fraction, seed, per_channel)
     config = MaskConfig.preset(preset)
     fingerprint = hashlib.sha256(f"bench:{backbone}".encode()).hexdigest()
     threads = torch.get_num_threads()
@@ -96,6 +113,7 @@ def mask_file_size(
         "masked_tensors": len(masks),
         "masked_weights": n,
         "active_fraction_target": active_fraction,
+        "per_channel_densities": per_channel,
         "active_fraction": decoded.active / n,
         "seed": seed,
         "file_bytes": len(data),

@@ -121,9 +121,9 @@ def encode_best(flat: np.ndarray, rows: int | None = None) -> tuple[str, bytes]:
     if active in (0, numel):
         return "const", b""
     candidates = [("packbits", encode(flat, "packbits")), ("ans", encode(flat, "ans"))]
-    if rows is not None and rows > 1 and numel % rows == 0 and numel // rows < MAX_CHANNEL_COLS:
-        if _channel_estimate_bits(flat, rows) < numel * binary_entropy(active / numel):
-            candidates.append(("ans-channel", _encode_channels(flat, rows)))
+    channels_fit = rows is not None and rows > 1 and numel % rows == 0 and numel // rows < MAX_CHANNEL_COLS
+    if channels_fit and _channel_estimate_bits(flat, rows) < numel * binary_entropy(active / numel):
+        candidates.append(("ans-channel", _encode_channels(flat, rows)))
     return min(candidates, key=lambda c: len(c[1]))
 
 

@@ -109,12 +109,7 @@ def read_container(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, R
             f"{len(data) - 8} bytes after the length (and headers are at most {MAX_HEADER_BYTES})"
         )
     raw = bytes(data[8 : 8 + n_header])
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SelfmaskError(f"{where}: corrupt header (not UTF-8 JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise SelfmaskError(f"{where}: corrupt header: expected a JSON object, got {type(header).__name__}")
+    header = parse_json(raw, dict, f"{where}: corrupt header")
     meta = _selfmask_metadata(header.pop("__metadata__", None), where)
     if len(header) > MAX_TENSORS:
         raise SelfmaskError(f"{where}: {len(header)} tensors in the header; at most {MAX_TENSORS} are accepted")
@@ -125,16 +120,24 @@ def read_container(data: bytes, where: str) -> tuple[dict[str, Any], dict[str, R
     return meta, out
 
 
+def parse_json(raw: bytes | str, kind: type, what: str) -> Any:
+    """``json.loads`` of UTF-8 ``raw`` that must give a ``kind`` (dict or list); else SelfmaskError(what ...)."""
+    try:
+        value = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SelfmaskError(f"{what} (not UTF-8 JSON: {exc})") from None
+    if not isinstance(value, kind):
+        raise SelfmaskError(f"{what}: expected a JSON {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
 def _selfmask_metadata(metadata: object, where: str) -> dict[str, Any]:
     from selfmask.storage.maskfile import FORMAT_NAME, FORMAT_VERSION
 
     if not isinstance(metadata, dict) or not isinstance(metadata.get("selfmask"), str):
         raise SelfmaskError(f"{where}: not a selfmask mask file (no '__metadata__.selfmask' entry in the header)")
-    try:
-        meta = json.loads(metadata["selfmask"])
-    except json.JSONDecodeError as exc:
-        raise SelfmaskError(f"{where}: corrupt selfmask metadata ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+    meta = parse_json(metadata["selfmask"], dict, f"{where}: corrupt selfmask metadata")
+    if meta.get("format") != FORMAT_NAME:
         raise SelfmaskError(f"{where}: not a selfmask mask file (metadata 'format' is not {FORMAT_NAME!r})")
     version = meta.get("version")
     if version != FORMAT_VERSION:
@@ -236,4 +239,12 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False
         raise
 
 
-__all__ = ["MAX_HEADER_BYTES", "RawTensor", "atomic_write_bytes", "check_shape", "read_container", "write_container"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "RawTensor",
+    "atomic_write_bytes",
+    "check_shape",
+    "parse_json",
+    "read_container",
+    "write_container",
+]

@@ -36,7 +36,7 @@ from selfmask.masking.config import MaskConfig
 from selfmask.masking.layer import selective_trainable_mask
 from selfmask.masking.model import binary_entropy, current_masks, mask_config
 from selfmask.storage import codecs
-from selfmask.storage.container import atomic_write_bytes, check_shape, read_container, write_container
+from selfmask.storage.container import atomic_write_bytes, check_shape, parse_json, read_container, write_container
 
 FORMAT_NAME = "selfmask.mask"
 FORMAT_VERSION = 1
@@ -329,13 +329,7 @@ def _read_index(compressed: bytes, where: str) -> list[Any]:
         raise SelfmaskError(f"{where}: corrupt tensor index ({exc})") from None
     if inflater.unconsumed_tail or not inflater.eof or inflater.unused_data:
         raise SelfmaskError(f"{where}: corrupt tensor index (incomplete, trailing data or over {MAX_INDEX_BYTES} bytes)")
-    try:
-        records = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SelfmaskError(f"{where}: corrupt tensor index ({exc})") from None
-    if not isinstance(records, list):
-        raise SelfmaskError(f"{where}: the tensor index must be a list")
-    return records
+    return parse_json(text, list, f"{where}: corrupt tensor index")
 
 
 def _check_records(

@@ -10,7 +10,6 @@ extra trained head.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from selfmask.backbones import backbone_info, create_backbone
 from selfmask.errors import SelfmaskError
 from selfmask.masking.config import MaskConfig
 from selfmask.masking.model import mask_model, mask_scores
+from selfmask.storage.container import parse_json
 
 
 @dataclass
@@ -50,11 +50,8 @@ def load_run(run_dir: str | Path) -> RunModel:
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise SelfmaskError(f"run folder {str(run_dir)!r}: no config.json")
-    try:
-        cfg = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SelfmaskError(f"{config_path}: not valid JSON ({exc})") from None
-    if not isinstance(cfg, dict) or not isinstance(cfg.get("backbone"), str):
+    cfg = parse_json(config_path.read_bytes(), dict, str(config_path))
+    if not isinstance(cfg.get("backbone"), str):
         raise SelfmaskError(f"{config_path}: expected an object with a 'backbone' name")
     backbone, weights, seed = cfg["backbone"], cfg.get("weights"), cfg.get("seed", 0)
     if weights is not None and not isinstance(weights, str):
