@@ -242,6 +242,11 @@ def test_unknown_version_and_forged_headers() -> None:
     bogus = [{"name": "w", "shape": [10], "active": 11, "codec": "packbits", "bytes": 2}]
     with pytest.raises(SelfmaskError, match="active count"):
         decode_mask_file(_forged({}, bogus, b"\xff\x03"))
+    from selfmask.storage.container import _tensor_table
+
+    overflow = {"extra.x": {"dtype": "F32", "shape": [2**39] * 8, "data_offsets": [0, 0]}}  # 2**312 wraps to 0
+    with pytest.raises(SelfmaskError, match="bytes for shape"):
+        _tensor_table(overflow, 0, "m.mask")
     with pytest.raises(SelfmaskError, match="truncated or not a mask file"):
         decode_mask_file(struct.pack("<Q", 2**62) + b"{}")
 

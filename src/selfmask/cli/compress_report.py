@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{name:<12}" + "".join(cells))
     ours = report["ours"]
     print(
-        f"{'selfmask':<12}  {ours['file_bytes']:>16,} B ({ours['reduction_percent_vs_byte_per_mask']:.2f}% smaller "
+        f"{'selfmask':<12}  {ours['mask_bytes']:>16,} B of masks ({ours['reduction_percent_vs_byte_per_mask']:.2f}% smaller "
         f"than byte-per-mask, {ours['x_smaller_than_fp32']:.1f}x smaller than fp32); "
         f"entropy bound {report['entropy_bound_bytes']:,.0f} B"
     )

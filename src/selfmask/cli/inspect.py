@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
         f"{summary['entropy_bits_per_weight']:>8.3f}"
     )
     print(
-        f"file: {summary['file_bytes']:,} bytes = {summary['bits_per_weight']:.3f} bits per masked weight "
-        f"(header {summary['header_bytes']:,} B, extras {summary['extra_bytes']:,} B); "
+        f"file: {summary['file_bytes']:,} bytes; masks: {summary['mask_bytes']:,} bytes (header "
+        f"{summary['header_bytes']:,} B) = {summary['bits_per_weight']:.3f} bits per masked weight, "
         f"{summary['ratio_to_fp32']:.1f}x smaller than fp32 weights, {summary['ratio_to_fp16']:.1f}x than fp16; "
         f"entropy bound {summary['entropy_bound_bytes']:,.0f} B"
     )

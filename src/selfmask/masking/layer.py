@@ -176,6 +176,7 @@ class ScoreMask(nn.Module):
                 raise ValueError(f"ScoreMask: trainable must be a bool tensor of shape {tuple(shape)}")
             trainable = trainable.to(device)
         self.register_buffer("trainable", trainable, persistent=False)
+        self._selective = trainable is not None  # a plain attribute: the default path stays as fast
 
     def mask(self) -> torch.Tensor:
         """The current binary mask (bool, no gradient)."""
@@ -183,12 +184,12 @@ class ScoreMask(nn.Module):
             if self.mode == "topk":
                 assert self.keep_ratio is not None
                 return topk_mask(self.scores, self.keep_ratio)
-            if self.trainable is not None:
+            if self._selective:
                 return threshold_mask(self.scores, self.threshold) | ~self.trainable
             return threshold_mask(self.scores, self.threshold)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.trainable is not None:
+        if self._selective:
             # fixed entries: M = 1 (in mask()) and no gradient to their scores
             scores = torch.where(self.trainable, self.scores, self.scores.detach())
             return MaskedWeight.apply(weight, scores, self.mask(), self.rescale)
@@ -197,6 +198,6 @@ class ScoreMask(nn.Module):
     def extra_repr(self) -> str:
         detail = f"keep_ratio={self.keep_ratio}" if self.mode == "topk" else f"threshold={self.threshold}"
         text = f"shape={tuple(self.scores.shape)}, mode={self.mode}, {detail}, rescale={self.rescale}"
-        if self.trainable is not None:
+        if self._selective:
             text += f", trainable={int(self.trainable.sum())}/{self.trainable.numel()}"
         return text

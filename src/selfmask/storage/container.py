@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -167,7 +168,7 @@ def _tensor_table(header: dict[str, Any], body_len: int, where: str) -> dict[str
                 f"{where}: tensor {name!r}: data_offsets {offsets!r} outside the {body_len} data bytes (truncated file?)"
             )
         itemsize = np.dtype(DTYPES[dtype]).itemsize
-        if offsets[1] - offsets[0] != int(np.prod(shape_t, dtype=np.int64)) * itemsize:
+        if offsets[1] - offsets[0] != math.prod(shape_t) * itemsize:  # Python ints: no overflow
             raise SelfmaskError(
                 f"{where}: tensor {name!r}: {offsets[1] - offsets[0]} bytes for shape {list(shape_t)} of {dtype}"
             )

@@ -147,10 +147,15 @@ class MaskFile:
         return sum(t.entropy_bits for t in self.tensors)
 
     def summary(self) -> dict[str, Any]:
-        """Sizes and ratios for ``selfmask inspect`` (JSON-serialisable)."""
+        """Sizes and ratios for ``selfmask inspect`` (JSON-serialisable).
+
+        ``mask_bytes`` is the file without its extra tensors (header + payloads); bits
+        per weight and the ratios to fp32/fp16 weights are taken over it.
+        """
         n = self.numel
-        file_bits = 8 * self.file_bytes
         extra_bytes = sum(t.numel() * t.element_size() for t in self.extra.values())
+        mask_bytes = self.file_bytes - extra_bytes  # header + payloads: what the masks cost
+        mask_bits = 8 * mask_bytes
         return {
             "format": FORMAT_NAME,
             "version": self.version,
@@ -163,15 +168,16 @@ class MaskFile:
             "active_weights": self.active,
             "fraction_active": self.active / n if n else 0.0,
             "file_bytes": self.file_bytes,
+            "mask_bytes": mask_bytes,
             "payload_bytes": self.payload_bytes,
             "extra_bytes": extra_bytes,
-            "header_bytes": self.file_bytes - self.payload_bytes - extra_bytes,
+            "header_bytes": mask_bytes - self.payload_bytes,
             "entropy_bound_bytes": self.entropy_bits / 8,
-            "bits_per_weight": file_bits / n if n else 0.0,
+            "bits_per_weight": mask_bits / n if n else 0.0,
             "payload_bits_per_weight": 8 * self.payload_bytes / n if n else 0.0,
             "entropy_bits_per_weight": self.entropy_bits / n if n else 0.0,
-            "ratio_to_fp32": 32 * n / file_bits if file_bits else 0.0,
-            "ratio_to_fp16": 16 * n / file_bits if file_bits else 0.0,
+            "ratio_to_fp32": 32 * n / mask_bits if mask_bits else 0.0,
+            "ratio_to_fp16": 16 * n / mask_bits if mask_bits else 0.0,
             "extra": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in self.extra.items()},
             "tensors": [t.to_dict() for t in self.tensors],
         }
