@@ -412,3 +412,58 @@ def test_base_state_dict_and_fingerprint_ignore_masking() -> None:
     with torch.no_grad():
         plain.conv1.weight[0, 0, 0, 0] += 1.0
     assert model_fingerprint(plain) != before
+
+
+# ---------------------------------------------------------------- selective masking (paper appendix)
+
+
+def test_selective_config_validation() -> None:
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="trainable_fraction"):
+            MaskConfig(trainable_fraction=bad)
+    with pytest.raises(ValueError, match="mode='threshold'"):
+        MaskConfig(mode="topk", keep_ratio=0.5, trainable_fraction=0.5)
+    config = MaskConfig(targets=CONV_TARGETS, trainable_fraction=0.5)
+    assert MaskConfig.from_dict(config.to_dict()) == config
+    assert MaskConfig.from_dict({k: v for k, v in MaskConfig().to_dict().items() if k != "trainable_fraction"}) == (
+        MaskConfig()
+    )
+
+
+def test_selective_trainable_mask_is_seeded_and_exact() -> None:
+    from selfmask.masking.layer import selective_trainable_mask
+
+    a = selective_trainable_mask((16, 8, 3, 3), 0.5, 3, "layer1.0.conv1.weight")
+    assert a.shape == (16, 8, 3, 3) and int(a.sum()) == round(0.5 * a.numel())
+    assert torch.equal(a, selective_trainable_mask((16, 8, 3, 3), 0.5, 3, "layer1.0.conv1.weight"))
+    assert not torch.equal(a, selective_trainable_mask((16, 8, 3, 3), 0.5, 4, "layer1.0.conv1.weight"))
+    assert not torch.equal(a, selective_trainable_mask((16, 8, 3, 3), 0.5, 3, "layer1.0.conv2.weight"))
+    assert int(selective_trainable_mask((10,), 0.01, 0, "w").sum()) == 1
+
+
+def test_selective_masking_fixes_untrainable_entries() -> None:
+    model = mask_model(small_convnet(), MaskConfig(targets=CONV_TARGETS, trainable_fraction=0.3, seed=2))
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        for s in mask_scores(model).values():
+            s.fill_(-1.0)  # every score below the threshold
+    masks = current_masks(model)
+    for name, pm_entry in zip(masks, mask_scores(model).values()):
+        trainable = model.get_submodule(name.rpartition(".")[0]).parametrizations.weight[0].trainable
+        assert torch.equal(masks[name], ~trainable)  # only trainable entries can switch off
+        assert pm_entry.shape == trainable.shape
+    with torch.no_grad():
+        for s in mask_scores(model).values():
+            s.fill_(1.0)
+    model(x).square().sum().backward()
+    for name, s in mask_scores(model).items():
+        trainable = model.get_submodule(name.rpartition(".")[0]).parametrizations.weight[0].trainable
+        assert torch.all(s.grad[~trainable] == 0)
+        assert torch.any(s.grad[trainable] != 0)
+
+
+def test_default_config_has_no_trainable_subset() -> None:
+    model = mask_model(small_convnet(), MaskConfig(targets=CONV_TARGETS))
+    for module in model.modules():
+        if isinstance(module, ScoreMask):
+            assert module.trainable is None

@@ -57,3 +57,19 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, (set, tuple)):
         return list(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a missing, truncated or corrupt file is one clear error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from selfmask.errors import SelfmaskError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SelfmaskError(f"{path}: file does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise SelfmaskError(f"{path}: not a readable safetensors file ({exc})") from None

@@ -14,7 +14,9 @@ import sys
 from collections.abc import Sequence
 
 # Subcommand modules, in the order ``selfmask --help`` lists them.
-COMMANDS: tuple[str, ...] = ("demo", "adapt", "eval", "pretrain", "lowshot", "bench")
+COMMANDS: tuple[str, ...] = (
+    "demo", "adapt", "eval", "pretrain", "lowshot", "pack", "inspect", "apply", "compress-report", "bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

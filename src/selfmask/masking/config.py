@@ -76,6 +76,13 @@ class MaskConfig:
             every BatchNorm in evaluation mode, so running statistics are frozen
             and used. BatchNorm affine parameters are frozen either way unless
             they are targeted.
+        trainable_fraction: selective masking (the paper's appendix): only this
+            fraction of each masked tensor's entries is trainable, chosen at random
+            (seeded by ``seed`` and the tensor's name, see
+            :func:`~selfmask.masking.layer.selective_trainable_mask`); the other
+            entries keep ``M = 1`` and get no score gradient. A mask file then stores
+            only the trainable entries. 1.0 (the default) trains every entry.
+            Threshold mode only.
     """
 
     targets: Targets = "resnet"
@@ -87,6 +94,7 @@ class MaskConfig:
     init_noise: float | None = None
     seed: int = 0
     bn: Literal["train", "eval"] = "train"
+    trainable_fraction: float = 1.0
     _pattern: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -107,6 +115,13 @@ class MaskConfig:
             raise ValueError(
                 f"MaskConfig.keep_ratio={self.keep_ratio!r} only applies to mode='topk' "
                 f"(mode is {self.mode!r}); leave it None"
+            )
+        if not isinstance(self.trainable_fraction, (int, float)) or not (0.0 < self.trainable_fraction <= 1.0):
+            raise ValueError(f"MaskConfig.trainable_fraction must be in (0, 1], got {self.trainable_fraction!r}")
+        if self.trainable_fraction < 1.0 and self.mode != "threshold":
+            raise ValueError(
+                f"MaskConfig.trainable_fraction={self.trainable_fraction} (selective masking) needs "
+                f"mode='threshold', got mode={self.mode!r}"
             )
         if self.init_noise is not None and (not math.isfinite(self.init_noise) or self.init_noise < 0):
             raise ValueError(f"MaskConfig.init_noise must be a finite number >= 0, got {self.init_noise!r}")

@@ -8,6 +8,8 @@ files: everything they need arrives at construction.
 
 from __future__ import annotations
 
+import hashlib
+import math
 from typing import Any
 
 import torch
@@ -32,6 +34,28 @@ def topk_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
     flat = torch.zeros(n, dtype=torch.bool, device=scores.device)
     flat[scores.detach().reshape(-1).topk(k, sorted=False).indices] = True
     return flat.view_as(scores)
+
+
+def selective_trainable_mask(
+    shape: torch.Size | tuple[int, ...], trainable_fraction: float, seed: int, name: str
+) -> torch.Tensor:
+    """The entries of tensor ``name`` that selective masking trains (bool, CPU).
+
+    Exactly ``max(1, round(trainable_fraction * n))`` entries of the ``n`` are chosen
+    uniformly at random (``torch.randperm``) by a generator seeded from ``seed`` and
+    ``name``, so the choice depends on neither the order of the tensors nor anything
+    else, and a mask file can regenerate it from its ``MaskConfig`` (paper appendix:
+    selective masking).
+    """
+    n = math.prod(shape)
+    if n == 0:
+        return torch.zeros(tuple(shape), dtype=torch.bool)
+    k = max(1, min(n, round(trainable_fraction * n)))
+    digest = hashlib.sha256(f"selfmask-selective:{int(seed)}:{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    flat = torch.zeros(n, dtype=torch.bool)
+    flat[torch.randperm(n, generator=generator)[:k]] = True
+    return flat.view(tuple(shape))
 
 
 def _inv_alpha(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -111,6 +135,9 @@ class ScoreMask(nn.Module):
         init_noise: half-width of uniform noise added to ``S0``.
         generator: random generator for the noise (CPU).
         device, dtype: where the scores live (float32 unless the weight is float64).
+        trainable: selective masking (threshold mode): a bool tensor of the shape,
+            True where the entry is trainable; elsewhere ``M = 1`` and the score gets
+            no gradient. ``None`` (the default) trains every entry.
     """
 
     def __init__(
@@ -126,6 +153,7 @@ class ScoreMask(nn.Module):
         generator: torch.Generator | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        trainable: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         if mode not in ("threshold", "topk"):
@@ -141,6 +169,14 @@ class ScoreMask(nn.Module):
             noise = torch.rand(tuple(shape), generator=generator, dtype=torch.float64)
             scores += ((noise * 2 - 1) * init_noise).to(dtype)
         self.scores = nn.Parameter(scores.to(device))
+        if trainable is not None:
+            if mode != "threshold":
+                raise ValueError("ScoreMask: a trainable subset (selective masking) needs mode='threshold'")
+            if tuple(trainable.shape) != tuple(shape) or trainable.dtype != torch.bool:
+                raise ValueError(f"ScoreMask: trainable must be a bool tensor of shape {tuple(shape)}")
+            trainable = trainable.to(device)
+        self.register_buffer("trainable", trainable, persistent=False)
+        self._selective = trainable is not None  # a plain attribute: the default path stays as fast
 
     def mask(self) -> torch.Tensor:
         """The current binary mask (bool, no gradient)."""
@@ -148,11 +184,20 @@ class ScoreMask(nn.Module):
             if self.mode == "topk":
                 assert self.keep_ratio is not None
                 return topk_mask(self.scores, self.keep_ratio)
+            if self._selective:
+                return threshold_mask(self.scores, self.threshold) | ~self.trainable
             return threshold_mask(self.scores, self.threshold)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._selective:
+            # fixed entries: M = 1 (in mask()) and no gradient to their scores
+            scores = torch.where(self.trainable, self.scores, self.scores.detach())
+            return MaskedWeight.apply(weight, scores, self.mask(), self.rescale)
         return MaskedWeight.apply(weight, self.scores, self.mask(), self.rescale)
 
     def extra_repr(self) -> str:
         detail = f"keep_ratio={self.keep_ratio}" if self.mode == "topk" else f"threshold={self.threshold}"
-        return f"shape={tuple(self.scores.shape)}, mode={self.mode}, {detail}, rescale={self.rescale}"
+        text = f"shape={tuple(self.scores.shape)}, mode={self.mode}, {detail}, rescale={self.rescale}"
+        if self._selective:
+            text += f", trainable={int(self.trainable.sum())}/{self.trainable.numel()}"
+        return text

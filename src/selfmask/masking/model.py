@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from selfmask.masking.config import MaskConfig
-from selfmask.masking.layer import ScoreMask
+from selfmask.masking.layer import ScoreMask, selective_trainable_mask
 
 _CONFIG_ATTR = "_selfmask_config"
 _BN_HOOK_ATTR = "_selfmask_bn_hook"
@@ -134,6 +134,11 @@ def mask_model(model: nn.Module, config: MaskConfig | None = None) -> nn.Module:
             generator=generator,
             device=weight.device,
             dtype=score_dtype,
+            trainable=(
+                selective_trainable_mask(weight.shape, config.trainable_fraction, config.seed, name)
+                if config.trainable_fraction < 1.0
+                else None
+            ),
         )
         parametrize.register_parametrization(module, tensor_name, pm, unsafe=True)
     if config.bn == "eval":

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from selfmask.errors import SelfmaskError
-from selfmask.io import atomic_write_json, atomic_write_text
+from selfmask.io import atomic_write_json, atomic_write_text, read_safetensors
 
 RUN_FILES = (
     "config.json",
@@ -148,7 +148,6 @@ def load_run(path: str | Path, device: str = "cpu"):
     (for ``weights: null``, the random initialisation after ``torch.manual_seed(seed)``).
     """
     import torch
-    from safetensors.torch import load_file
 
     from selfmask.backbones import backbone_info, create_backbone
     from selfmask.masking import MaskConfig, mask_model
@@ -162,11 +161,11 @@ def load_run(path: str | Path, device: str = "cpu"):
         mask_model(backbone, MaskConfig.from_dict(cfg["mask"]))
         load_scores_and_buffers(backbone, path)
     elif (path / "weights.safetensors").is_file():
-        backbone.load_state_dict(load_file(str(path / "weights.safetensors")))
+        backbone.load_state_dict(read_safetensors(path / "weights.safetensors"))
     head = None
     head_file = path / "head.safetensors"
     if head_file.is_file():
-        state = load_file(str(head_file))
+        state = read_safetensors(head_file)
         num_classes = int(cfg.get("data", {}).get("num_classes", 0)) or None
         weight_key = "weight" if "weight" in state else "parametrizations.weight.original"
         out_dim = state[weight_key].shape[0] if num_classes is None else num_classes
@@ -180,7 +179,6 @@ def load_run(path: str | Path, device: str = "cpu"):
 def load_scores_and_buffers(backbone: Any, path: str | Path) -> None:
     """Copy ``scores.safetensors`` (and ``buffers.safetensors`` if present) of a run into a masked backbone."""
     import torch
-    from safetensors.torch import load_file
 
     from selfmask.masking import mask_scores
 
@@ -188,7 +186,7 @@ def load_scores_and_buffers(backbone: Any, path: str | Path) -> None:
     scores_file = path / "scores.safetensors"
     if not scores_file.is_file():
         raise SelfmaskError(f"{scores_file} is missing: {str(path)!r} is not a finished mask run")
-    stored = load_file(str(scores_file))
+    stored = read_safetensors(scores_file)
     live = mask_scores(backbone)
     if set(stored) != set(live):
         raise SelfmaskError(
@@ -203,7 +201,7 @@ def load_scores_and_buffers(backbone: Any, path: str | Path) -> None:
         buffers_file = path / "buffers.safetensors"
         if buffers_file.is_file():
             live_buffers = dict(backbone.named_buffers())
-            stored_buffers = load_file(str(buffers_file))
+            stored_buffers = read_safetensors(buffers_file)
             if set(stored_buffers) != set(live_buffers):
                 raise SelfmaskError(f"{buffers_file}: buffer names do not match the backbone")
             for k, v in stored_buffers.items():

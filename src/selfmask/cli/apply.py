@@ -1,0 +1,61 @@
+"""``selfmask apply FILE --backbone NAME [--weights BASE] -o merged.safetensors``: bake a mask into weights."""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "apply",
+        help="apply a mask file to backbone weights and export the merged plain weights (safetensors)",
+        description=(
+            "Check the mask file against the base weights (fingerprint), apply it and write theta * M / alpha "
+            "as an ordinary state dict that loads into the plain backbone without selfmask."
+        ),
+    )
+    p.add_argument("file", metavar="FILE", help="mask file")
+    p.add_argument("--backbone", required=True, help="backbone name (see selfmask.backbones.list_backbones)")
+    p.add_argument("--weights", default=None, metavar="BASE", help="base weights (.safetensors or .pt state dict)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="without --weights: seed of the random base (default: the seed the mask file records, else 0)",
+    )
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="merged .safetensors file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true", help="apply even if the base fingerprint does not match")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from safetensors.torch import save
+
+    from selfmask.backbones import create_backbone
+    from selfmask.errors import SelfmaskError
+    from selfmask.storage import atomic_write_bytes, load_mask, merge_mask
+
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:  # refuse before any work
+        raise SelfmaskError(f"output path {str(out)!r} exists; pass --overwrite to replace it")
+    mask = load_mask(args.file)
+    if args.weights is None:
+        seed = args.seed if args.seed is not None else mask.source.get("seed", 0)
+        if type(seed) is not int:
+            raise SelfmaskError(f"{args.file}: recorded seed {seed!r} is not an integer; pass --seed")
+        torch.manual_seed(seed)
+    model = create_backbone(args.backbone, args.weights)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        merge_mask(model, mask, force=args.force)
+    for w in caught:
+        print(f"selfmask apply: warning: {w.message}")
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(out, save(state, metadata={"selfmask_mask_fingerprint": mask.fingerprint}), overwrite=args.overwrite)
+    print(f"wrote {out}: {len(state)} tensors of {args.backbone} with {len(mask.masks)} masks merged")
+    return 0

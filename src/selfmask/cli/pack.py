@@ -1,0 +1,41 @@
+"""``selfmask pack RUN_DIR -o FILE``: store a training run's masks in a mask file."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="write the learned masks of a run folder to a compact mask file",
+        description=(
+            "Rebuild the masked model of RUN_DIR (config.json, scores.safetensors, optional head.safetensors) "
+            "and write its masks, entropy-coded, with the base fingerprint and MaskConfig (see docs/storage.md)."
+        ),
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="training run folder")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="mask file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from selfmask.storage import load_run, save_mask
+
+    rebuilt = load_run(args.run_dir)
+    infos = save_mask(
+        rebuilt.model,
+        args.output,
+        backbone=rebuilt.backbone,
+        extra=rebuilt.extra,
+        overwrite=args.overwrite,
+        source=rebuilt.source,
+    )
+    numel = sum(i.numel for i in infos)
+    payload = sum(i.payload_bytes for i in infos)
+    print(
+        f"wrote {args.output}: {len(infos)} masked tensors, {numel:,} weights, "
+        f"{payload:,} payload bytes ({8 * payload / max(numel, 1):.3f} bits/weight)"
+    )
+    return 0

@@ -1,0 +1,145 @@
+"""Put the masks of a mask file on a model, and bake them into plain weights.
+
+:func:`apply_mask` checks that the model's base weights are the ones the masks were
+trained on (sha256 fingerprint), masks a plain backbone with the file's
+:class:`~selfmask.masking.MaskConfig` when needed, and sets the scores so that every
+mask equals the stored one bit for bit. :func:`merge_mask` then bakes
+``theta * M / alpha`` into ordinary parameters (no selfmask code needed to use them).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from selfmask.errors import SelfmaskError
+from selfmask.fingerprint import model_fingerprint
+from selfmask.masking.model import current_masks, is_masked, iter_score_masks, mask_config, mask_model, merge_masks
+from selfmask.storage.maskfile import MaskFile, load_mask
+
+
+def check_fingerprint(actual: str, mask: MaskFile, *, force: bool = False, what: str = "apply_mask") -> None:
+    """Refuse base weights with fingerprint ``actual`` unless they are the mask's (warn with ``force``)."""
+    if actual == mask.fingerprint:
+        return
+    message = (
+        f"{what}: the mask was trained on backbone {mask.backbone!r} with base fingerprint "
+        f"{mask.fingerprint[:16]}..., but the model's base weights have fingerprint {actual[:16]}... "
+        "(different weights or a different backbone)"
+    )
+    if not force:
+        raise SelfmaskError(message + "; pass force=True (--force) to apply it anyway")
+    warnings.warn(message + "; applying anyway (force=True)", stacklevel=3)
+
+
+def check_names_and_shapes(targets: dict[str, torch.Size], mask: MaskFile, what: str) -> None:
+    """The file's tensors must be exactly ``targets`` (name -> shape)."""
+    missing = sorted(set(targets) - set(mask.masks))
+    unexpected = sorted(set(mask.masks) - set(targets))
+    if missing or unexpected:
+        raise SelfmaskError(
+            f"{what}: the mask file's tensors do not match the model: masked in the model but not in the file "
+            f"{missing[:6]}{' ...' if len(missing) > 6 else ''}, in the file but not masked in the model "
+            f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
+        )
+    for name, shape in targets.items():
+        if tuple(shape) != tuple(mask.masks[name].shape):
+            raise SelfmaskError(
+                f"{what}: tensor {name!r} has shape {list(shape)} in the model but {list(mask.masks[name].shape)} "
+                "in the mask file"
+            )
+
+
+def _scores_for(mask: torch.Tensor, mode: str, threshold: float, dtype: torch.dtype) -> torch.Tensor:
+    """Scores whose mask (threshold or top-k) is exactly ``mask``."""
+    if mode == "topk":
+        return mask.to(dtype)  # the k ones are strictly above the zeros
+    delta = max(1.0, abs(threshold))
+    active = torch.tensor(threshold + delta, dtype=dtype)
+    inactive = torch.tensor(threshold - delta, dtype=dtype)
+    return torch.where(mask, active, inactive)
+
+
+def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = False) -> nn.Module:
+    """Set the masks of ``model`` to the stored ones, in place, and return it.
+
+    ``model`` is a plain backbone (it is masked with the file's ``MaskConfig``) or a
+    model already masked with the same targets. Its base fingerprint must match the
+    file's unless ``force=True`` (then a warning). Names and shapes must match exactly.
+    Afterwards ``current_masks(model)`` equals ``mask.masks`` bit for bit.
+    """
+    if not isinstance(mask, MaskFile):
+        mask = load_mask(mask)
+    check_fingerprint(model_fingerprint(model), mask, force=force)
+    if is_masked(model):
+        config = mask_config(model)
+        if config.mode != mask.config.mode:
+            raise SelfmaskError(
+                f"apply_mask: the model is masked in mode {config.mode!r}, the file in {mask.config.mode!r}"
+            )
+        targets = {name: pm.scores.shape for name, _m, _t, pm in iter_score_masks(model)}
+    else:
+        targets = {n: p.shape for n, p in model.named_parameters() if mask.config.matches(n)}
+    check_names_and_shapes(targets, mask, "apply_mask")  # before the model is changed in any way
+    if mask.config.mode == "topk":
+        for name, stored in mask.masks.items():
+            k = max(1, min(stored.numel(), round(float(mask.config.keep_ratio or 1.0) * stored.numel())))
+            if int(stored.sum()) != k:
+                raise SelfmaskError(
+                    f"apply_mask: tensor {name!r} has {int(stored.sum())} active entries; top-k with "
+                    f"keep_ratio={mask.config.keep_ratio} keeps {k}"
+                )
+    buffers = check_buffers(model, mask, "apply_mask")
+    if not is_masked(model):
+        try:
+            mask_model(model, mask.config)
+        except ValueError as exc:
+            raise SelfmaskError(f"apply_mask: cannot mask the model with the file's MaskConfig: {exc}") from None
+    with torch.no_grad():
+        for name, _module, _tensor, pm in iter_score_masks(model):
+            stored = mask.masks[name].to(pm.scores.device)
+            pm.scores.copy_(_scores_for(stored, pm.mode, pm.threshold, pm.scores.dtype))
+        for name, value in buffers.items():
+            name_buffer = dict(model.named_buffers())[name]
+            name_buffer.copy_(value.to(name_buffer.device))
+    for name, got in current_masks(model).items():
+        if not torch.equal(got.cpu(), mask.masks[name]):  # pragma: no cover - guards the construction above
+            raise SelfmaskError(f"apply_mask: tensor {name!r}: could not reproduce the stored mask")
+    return model
+
+
+BUFFER_PREFIX = "buffer."
+
+
+def check_buffers(model: nn.Module, mask: MaskFile, what: str) -> dict[str, torch.Tensor]:
+    """The file's adapted buffers (``buffer.*`` extras), checked against the model's names and shapes."""
+    live = dict(model.named_buffers())
+    out = {}
+    for key, value in mask.extra.items():
+        if not key.startswith(BUFFER_PREFIX):
+            continue
+        name = key[len(BUFFER_PREFIX):]
+        if name not in live:
+            raise SelfmaskError(f"{what}: the file stores buffer {name!r}, which the model does not have")
+        if tuple(live[name].shape) != tuple(value.shape) or live[name].dtype != value.dtype:
+            raise SelfmaskError(
+                f"{what}: buffer {name!r} is {value.dtype} {list(value.shape)} in the file, "
+                f"{live[name].dtype} {list(live[name].shape)} in the model"
+            )
+        out[name] = value
+    return out
+
+
+def merge_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = False) -> nn.Module:
+    """Apply ``mask`` and bake ``theta * M / alpha`` into plain parameters (see ``merge_masks``).
+
+    The result is an ordinary model whose ``state_dict()`` loads into a fresh
+    backbone without any selfmask code and gives the masked model's outputs.
+    """
+    return merge_masks(apply_mask(model, mask, force=force))
+
+
+__all__ = ["apply_mask", "check_buffers", "check_fingerprint", "check_names_and_shapes", "merge_mask"]
