@@ -190,3 +190,14 @@ def test_feeds_the_swav_objective() -> None:
     loss, stats = obj(embeddings)
     loss.backward()
     assert math.isfinite(loss.item()) and stats["prototypes_used"] > 0
+
+
+def test_augment_benchmark_reports_its_settings() -> None:
+    from selfmask.bench.augment import augment_throughput
+
+    threads = torch.get_num_threads()
+    out = augment_throughput(batch=4, n_small=2, repeats=1, calls_per_block=1, threads=1)
+    assert torch.get_num_threads() == threads  # restored
+    assert out["crops"] == "2x32 + 2x16" and out["threads"] == 1 and out["batch"] == 4
+    assert out["images_per_s"] > 0 and out["step_s"] > 0
+    assert out["augment_over_step"] == pytest.approx(out["augment_s"] / out["step_s"])
