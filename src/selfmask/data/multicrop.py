@@ -252,7 +252,7 @@ class MultiCrop:
 
     def __init__(self, config: MultiCropConfig | None = None, seed: int = 0) -> None:
         self.config = config or MultiCropConfig()
-        self._kornia = _import_kornia()
+        _import_kornia()  # fail at construction, not at the first batch
         self.generator = torch.Generator().manual_seed(seed)
 
     @classmethod
@@ -319,7 +319,6 @@ class MultiCrop:
 
     def _apply(self, x: torch.Tensor, size: int, p: _GroupParams) -> torch.Tensor:
         """Crop, resize and augment ``x`` (n, 3, H, W) float in [0, 1]."""
-        k = self._kornia
         dev = x.device
         grid = F.affine_grid(p.theta.to(dev), [x.shape[0], 3, size, size], align_corners=True)
         out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=True)
@@ -340,7 +339,7 @@ class MultiCrop:
             ksize = min(2 * radius + 1, size if size % 2 else size - 1)
             if ksize >= 3:
                 sig = sigma.to(dev).view(-1, 1).expand(-1, 2).contiguous()
-                out[i] = k.filters.gaussian_blur2d(out[i], (ksize, ksize), sig, border_type="reflect")
+                out[i] = _import_kornia().filters.gaussian_blur2d(out[i], (ksize, ksize), sig, border_type="reflect")
         mean = torch.tensor(self.config.mean, dtype=out.dtype, device=dev).view(1, 3, 1, 1)
         std = torch.tensor(self.config.std, dtype=out.dtype, device=dev).view(1, 3, 1, 1)
         return (out - mean) / std
