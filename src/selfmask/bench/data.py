@@ -7,7 +7,8 @@ Three paths are timed, interleaved over ``repeats`` rounds and compared by media
 * ``decode``: :func:`selfmask.data.cache.decode_images`: open, decode, resize the
   shorter side and centre-crop every file (what a loader without a cache does each epoch);
 * ``cache_read``: :func:`selfmask.data.cache.cached_images` on a warm cache: hash the
-  file list (one ``stat`` per file) and read the safetensors file;
+  file list (one ``stat`` per file) and read the safetensors file (which safetensors maps
+  lazily, so the timing includes copying every byte into process memory once);
 * ``memory_batches``: gather random batches from the in-memory uint8 tensor (what
   training does once the dataset is loaded).
 
@@ -75,6 +76,7 @@ def decode_vs_cache_throughput(
                     decode_images(paths, resolution, workers=workers)
                 elif name == "cache_read":
                     out, rec = cached_images(paths, resolution, cache_dir, workers=workers)
+                    out = out.clone()  # touch every byte: the file is memory-mapped lazily
                     assert rec["cache_hit"] and out.shape == images.shape
                 else:
                     for _ in range(max(1, num_images // batch)):

@@ -143,7 +143,8 @@ def cached_images(
     """The decoded ``(N, 3, r, r)`` uint8 images of ``paths``, from the cache when it holds them.
 
     Returns the images and a record ``{"cache_key", "cache_file", "cache_hit", "resolution",
-    "resample"}``. A cache file that cannot be read or does not match is rebuilt (with a
+    "resample"}``. Images read from the cache are memory-mapped from the file (pages are
+    read on first use and shared through the operating system's page cache). A cache file that cannot be read or does not match is rebuilt (with a
     warning); it is written atomically, so an interrupted run never leaves a broken one.
     """
     _check(resolution, resample)
