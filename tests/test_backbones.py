@@ -45,7 +45,13 @@ def test_registry_lists_every_backbone_with_its_preprocessing() -> None:
         list_backbones()
     )
     info = backbone_info("vit_b_32_clip")
-    assert (info.embed_dim, info.input_size, info.mean, info.std, info.mask_preset) == (512, 224, CLIP_MEAN, CLIP_STD, "vit")
+    assert (info.embed_dim, info.input_size, info.mean, info.std, info.mask_preset) == (
+        512,
+        224,
+        CLIP_MEAN,
+        CLIP_STD,
+        "vit",
+    )
     assert backbone_info("vit_tiny_clip").input_size == 32
     with pytest.raises(SelfmaskError, match="unknown backbone 'vit_b_16'"):
         create_backbone("vit_b_16")
@@ -148,8 +154,14 @@ def test_vit_preset_masks_attention_and_mlp_only_and_starts_at_the_pretrained_ne
     scores = mask_scores(m)
     suffixes = {n.split("resblocks.")[1].split(".", 1)[1] for n in scores}
     assert suffixes == {
-        "attn.in_proj_weight", "attn.in_proj_bias", "attn.out_proj.weight", "attn.out_proj.bias",
-        "mlp.c_fc.weight", "mlp.c_fc.bias", "mlp.c_proj.weight", "mlp.c_proj.bias",
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+        "attn.out_proj.weight",
+        "attn.out_proj.bias",
+        "mlp.c_fc.weight",
+        "mlp.c_fc.bias",
+        "mlp.c_proj.weight",
+        "mlp.c_proj.bias",
     }
     assert len(scores) == 4 * 8
     with torch.no_grad():
@@ -166,3 +178,15 @@ def test_cpu_backbones_return_embeddings_of_the_stated_size(name: str) -> None:
     with torch.no_grad():
         out = m(torch.zeros(2, 3, info.input_size, info.input_size))
     assert out.shape == (2, info.embed_dim)
+
+
+def test_fixtures_are_what_the_tool_derives_from_the_published_definitions() -> None:
+    import importlib.util
+
+    tool_file = FIXTURES.parents[2] / "tools" / "make_layout_fixtures.py"
+    spec = importlib.util.spec_from_file_location("make_layout_fixtures", tool_file)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    for name, layout in tool.spec_layouts().items():
+        assert _fixture(name) == {k: tuple(s) for k, s in layout}, name

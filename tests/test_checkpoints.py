@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from collections.abc import Callable
@@ -82,7 +83,9 @@ def _to_timm(sd: State) -> State:
             out["head.weight"] = v.t().contiguous()
             out["head.bias"] = torch.zeros(v.shape[1])
         else:
-            out[k.replace("conv1.", "patch_embed.proj.").replace("ln_pre.", "norm_pre.").replace("ln_post.", "norm.")] = v
+            out[
+                k.replace("conv1.", "patch_embed.proj.").replace("ln_pre.", "norm_pre.").replace("ln_post.", "norm.")
+            ] = v
     return out
 
 
@@ -155,8 +158,12 @@ LAYOUTS: dict[str, tuple[str, Callable[[State], object], str, int]] = {
     "openai_clip_visual": ("vit_tiny_clip", lambda sd: sd, ".pt", 0),
     "openai_clip_fp16": ("vit_tiny_clip", lambda sd: {k: v.half() for k, v in sd.items()}, ".pt", 0),
     "open_clip_full": ("vit_tiny_clip", _open_clip_full, ".bin", 6),
-    "open_clip_visual_prefixed_safetensors": ("vit_tiny_clip", lambda sd: {f"visual.{k}": v for k, v in sd.items()},
-                                              ".safetensors", 0),
+    "open_clip_visual_prefixed_safetensors": (
+        "vit_tiny_clip",
+        lambda sd: {f"visual.{k}": v for k, v in sd.items()},
+        ".safetensors",
+        0,
+    ),
     "timm_vit_safetensors": ("vit_tiny_clip", _to_timm, ".safetensors", 0),
     "timm_vit_wrapped": ("vit_tiny_clip", lambda sd: {"state_dict": _to_timm(sd)}, ".pth", 0),
 }
@@ -304,7 +311,8 @@ def test_wrong_architecture_names_the_key_and_both_shapes(tmp_path: Path) -> Non
 
 
 def test_resnet50_checkpoint_into_resnet18_is_refused(tmp_path: Path) -> None:
-    state = {k: torch.zeros(v.shape) for k, v in build_backbone("resnet50").state_dict().items()}
+    fixture = json.loads((Path(__file__).parent / "fixtures" / "layouts" / "torchvision_resnet50.json").read_text())
+    state = {k: torch.zeros(s) for k, s in fixture["state_dict"]}  # a torchvision ResNet-50 file
     path = tmp_path / "r50.safetensors"
     save_file(state, str(path))
     with pytest.raises(SelfmaskError, match=re.escape(str(path)) + ".*resnet18.*shape mismatch"):
@@ -317,8 +325,11 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path: Path) -> None:
     sd["layer9.weird"] = torch.zeros(2)
     path = tmp_path / "bad.pth"
     torch.save(sd, path)
-    with pytest.raises(SelfmaskError, match=r"1 missing key\(s\): layer2\.0\.conv1\.weight.*1 unexpected key\(s\): "
-                       r"layer9\.weird"):
+    with pytest.raises(
+        SelfmaskError,
+        match=r"1 missing key\(s\): layer2\.0\.conv1\.weight.*1 unexpected key\(s\): "
+        r"layer9\.weird",
+    ):
         create_backbone("resnet_tiny", weights=path)
 
 

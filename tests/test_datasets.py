@@ -48,7 +48,12 @@ def _cifar10(root: Path, per_batch: int = 6, bytes_keys: bool = True) -> tuple[n
     for i, fname in enumerate([f"data_batch_{j}" for j in range(1, 6)] + ["test_batch"]):
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         labels = [int((i * per_batch + j) % 10) for j in range(per_batch)]
-        batch = {k("batch_label"): b"batch", k("labels"): labels, k("data"): data, k("filenames"): [b"x.png"] * per_batch}
+        batch = {
+            k("batch_label"): b"batch",
+            k("labels"): labels,
+            k("data"): data,
+            k("filenames"): [b"x.png"] * per_batch,
+        }
         _write_pickle(folder / fname, batch, 2)
         all_data.append(data)
         all_labels += labels
@@ -240,7 +245,10 @@ def test_decoding_is_independent_of_the_number_of_workers(tmp_path: Path) -> Non
 
 def test_tensor_dataset_file_round_trip(tmp_path: Path) -> None:
     ds = ImageTensorDataset(
-        torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8), torch.tensor([0, 1, 1, 0, 1]), ["a", "b"], "toy",
+        torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8),
+        torch.tensor([0, 1, 1, 0, 1]),
+        ["a", "b"],
+        "toy",
         {"seed": 3},
     )
     path = save_tensor_dataset(ds, tmp_path / "toy.safetensors")

@@ -204,8 +204,15 @@ def check_outputs(device: str, seed: int = 0) -> list[dict[str, object]]:
                     a, b = ours(x).float(), theirs(x).float()
                 rel = float((a - b).norm() / b.norm())
                 rows.append({"file": fmt, "rel_error": rel, "shape": list(a.shape)})
-            results.append({"reference": FIXTURES[key], "ours": ours_name[key], "device": device, "checks": rows,
-                            "passed": all(r["rel_error"] < 1e-5 for r in rows)})
+            results.append(
+                {
+                    "reference": FIXTURES[key],
+                    "ours": ours_name[key],
+                    "device": device,
+                    "checks": rows,
+                    "passed": all(r["rel_error"] < 1e-5 for r in rows),
+                }
+            )
     return results
 
 

@@ -56,7 +56,11 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 #: Prefixes that select the backbone part of a larger checkpoint (the rest is dropped).
 SELECTOR_PREFIXES = {"backbone.": "non-backbone keys (heads)", "visual.": "CLIP text tower and logit scale"}
 #: Heads that are not part of an embedding backbone: dropped with a note.
-HEAD_PREFIXES = {"fc.": "classification head", "projection_head.": "SwAV projection head", "prototypes.": "SwAV prototypes"}
+HEAD_PREFIXES = {
+    "fc.": "classification head",
+    "projection_head.": "SwAV projection head",
+    "prototypes.": "SwAV prototypes",
+}
 _MAX_LISTED = 8
 
 
@@ -175,7 +179,9 @@ def unwrap_checkpoint(obj: object, source: str = "checkpoint") -> tuple[dict[str
         containers.append(inner)
         obj = obj[inner]
     if not isinstance(obj, Mapping):
-        raise SelfmaskError(f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise SelfmaskError(
+            f"{source}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
     state = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not state:
         keys = _short_list([str(k) for k in obj])

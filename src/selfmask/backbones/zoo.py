@@ -33,14 +33,18 @@ def resnet50() -> nn.Module:
 
 
 @register_backbone(
-    BackboneInfo("resnet_tiny", 128, 32, EMBEDDED_MEAN, EMBEDDED_STD, "resnet", "CPU ResNet, 1 block/stage, widths 16-128")
+    BackboneInfo(
+        "resnet_tiny", 128, 32, EMBEDDED_MEAN, EMBEDDED_STD, "resnet", "CPU ResNet, 1 block/stage, widths 16-128"
+    )
 )
 def resnet_tiny() -> nn.Module:
     return ResNet(BasicBlock, (1, 1, 1, 1), widths=(16, 32, 64, 128), small_input=True)
 
 
 @register_backbone(
-    BackboneInfo("resnet_small", 256, 32, EMBEDDED_MEAN, EMBEDDED_STD, "resnet", "CPU ResNet, 2 blocks/stage, widths 32-256")
+    BackboneInfo(
+        "resnet_small", 256, 32, EMBEDDED_MEAN, EMBEDDED_STD, "resnet", "CPU ResNet, 2 blocks/stage, widths 32-256"
+    )
 )
 def resnet_small() -> nn.Module:
     return ResNet(BasicBlock, (2, 2, 2, 2), widths=(32, 64, 128, 256), small_input=True)
@@ -57,7 +61,13 @@ def vit_b_32_clip() -> nn.Module:
 
 @register_backbone(
     BackboneInfo(
-        "vit_tiny_clip", 128, 32, EMBEDDED_MEAN, EMBEDDED_STD, "vit", "CPU CLIP-layout ViT, 32 px, patch 8, width 128, 4 blocks"
+        "vit_tiny_clip",
+        128,
+        32,
+        EMBEDDED_MEAN,
+        EMBEDDED_STD,
+        "vit",
+        "CPU CLIP-layout ViT, 32 px, patch 8, width 128, 4 blocks",
     )
 )
 def vit_tiny_clip() -> nn.Module:

@@ -144,8 +144,9 @@ def cached_images(
 
     Returns the images and a record ``{"cache_key", "cache_file", "cache_hit", "resolution",
     "resample"}``. Images read from the cache are memory-mapped from the file (pages are
-    read on first use and shared through the operating system's page cache). A cache file that cannot be read or does not match is rebuilt (with a
-    warning); it is written atomically, so an interrupted run never leaves a broken one.
+    read on first use and shared through the operating system's page cache). A cache file
+    that cannot be read or does not match is rebuilt (with a warning); it is written
+    atomically, so an interrupted run never leaves a broken one.
     """
     _check(resolution, resample)
     key = cache_key(paths, resolution, resample)

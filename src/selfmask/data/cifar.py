@@ -154,7 +154,8 @@ def resize_uint8(images: torch.Tensor, resolution: int, chunk: int = 1024) -> to
     out = torch.empty((images.shape[0], 3, resolution, resolution), dtype=torch.uint8)
     for i in range(0, images.shape[0], chunk):
         x = images[i : i + chunk].float()
-        y = torch.nn.functional.interpolate(x, size=(resolution, resolution), mode="bicubic", antialias=True,
-                                            align_corners=False)
+        y = torch.nn.functional.interpolate(
+            x, size=(resolution, resolution), mode="bicubic", antialias=True, align_corners=False
+        )
         out[i : i + chunk] = y.round_().clamp_(0, 255).to(torch.uint8)
     return out

@@ -39,7 +39,8 @@ def list_image_folder(
     exts = tuple(e.lower() for e in extensions)
     for label, cls in enumerate(classes):
         found = sorted(
-            p for p in (root / cls).rglob("*")
+            p
+            for p in (root / cls).rglob("*")
             if p.suffix.lower() in exts and p.is_file() and not p.name.startswith(".")
         )
         if not found:

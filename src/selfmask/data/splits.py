@@ -50,8 +50,13 @@ def read_split_file(path: str | Path) -> dict[str, list[Entry]]:
         entries: list[Entry] = []
         for i, row in enumerate(rows):
             ok = (
-                isinstance(row, (list, tuple)) and len(row) == 3 and isinstance(row[0], str)
-                and isinstance(row[1], int) and not isinstance(row[1], bool) and row[1] >= 0 and isinstance(row[2], str)
+                isinstance(row, (list, tuple))
+                and len(row) == 3
+                and isinstance(row[0], str)
+                and isinstance(row[1], int)
+                and not isinstance(row[1], bool)
+                and row[1] >= 0
+                and isinstance(row[2], str)
             )
             if not ok:
                 raise SelfmaskError(
