@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
@@ -145,6 +146,7 @@ LAYOUTS: dict[str, tuple[str, Callable[[State], object], str, int]] = {
                 "head.last_layer.weight_g": torch.randn(100, 1),
             },
             "epoch": 100,
+            "args": argparse.Namespace(arch="resnet50", lr=0.3, out_dim=65536),  # as DINO's full checkpoints
         },
         ".pth",
         2,

@@ -5,7 +5,8 @@ pure steps, each of which can be used on its own:
 
 1. :func:`read_checkpoint` reads ``.safetensors`` (``safetensors``) or a torch file
    (``.pth``, ``.pt``, ``.pth.tar``, ``.tar``, ``.bin``, ``.ckpt``) with
-   ``torch.load(weights_only=True)``; a file that needs real unpickling, a
+   ``torch.load(weights_only=True)`` (plus ``argparse.Namespace`` training arguments);
+   a file that needs real unpickling, a
    TorchScript archive, a truncated or corrupted file is a :class:`SelfmaskError`
    naming it.
 2. :func:`unwrap_checkpoint` descends into ``state_dict`` / ``model`` / ``teacher``
@@ -27,6 +28,7 @@ the loaded base weights that mask files record.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import pickle
 import re
@@ -61,6 +63,10 @@ HEAD_PREFIXES = {
     "projection_head.": "SwAV projection head",
     "prototypes.": "SwAV prototypes",
 }
+#: Classes allowed in a weights-only torch file besides tensors and containers: the training
+#: arguments that DINO's and torchvision's reference scripts store next to the weights
+#: (an attribute bag; its values must themselves be plain data).
+SAFE_CHECKPOINT_GLOBALS = (argparse.Namespace,)
 _MAX_LISTED = 8
 
 
@@ -148,7 +154,7 @@ def read_checkpoint(path: str | Path) -> object:
             "`safetensors.torch.save_file(torch.jit.load(path).state_dict(), 'clip.safetensors')` and load that"
         )
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(SAFE_CHECKPOINT_GLOBALS)):
             warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
