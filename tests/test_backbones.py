@@ -53,6 +53,7 @@ def test_registry_lists_every_backbone_with_its_preprocessing() -> None:
         "vit",
     )
     assert backbone_info("vit_tiny_clip").input_size == 32
+    assert backbone_info("vit_b_32_clip_gelu").embed_dim == 512
     with pytest.raises(SelfmaskError, match="unknown backbone 'vit_b_16'"):
         create_backbone("vit_b_16")
 

@@ -72,3 +72,20 @@ def vit_b_32_clip() -> nn.Module:
 )
 def vit_tiny_clip() -> nn.Module:
     return CLIPVisionTransformer(input_resolution=32, patch_size=8, width=128, layers=4, heads=4, output_dim=128)
+
+
+@register_backbone(
+    BackboneInfo(
+        "vit_b_32_clip_gelu",
+        512,
+        224,
+        CLIP_MEAN,
+        CLIP_STD,
+        "vit",
+        "CLIP ViT-B/32 image tower with exact GELU (open_clip/timm LAION weights)",
+    )
+)
+def vit_b_32_clip_gelu() -> nn.Module:
+    return CLIPVisionTransformer(
+        input_resolution=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512, activation="gelu"
+    )
