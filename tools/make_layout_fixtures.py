@@ -167,8 +167,33 @@ def _randomize_(model: object, seed: int) -> None:
                 t.copy_(torch.randn(t.shape, generator=g) * scale + offset)
 
 
+def _parity_cases() -> list[tuple[str, object, str]]:
+    """(reference description, reference model, selfmask backbone) pairs whose outputs must agree."""
+    import timm  # type: ignore[import-not-found]
+
+    models = _library_models()
+    return [
+        (FIXTURES["torchvision_resnet18"], models["torchvision_resnet18"], "resnet18"),
+        (FIXTURES["torchvision_resnet50"], models["torchvision_resnet50"], "resnet50"),
+        (
+            "timm.create_model('vit_base_patch32_clip_224', num_classes=512, act_layer='quick_gelu')",
+            models["timm_vit_base_patch32_clip_224"],
+            "vit_b_32_clip",
+        ),
+        (
+            FIXTURES["timm_vit_base_patch32_clip_224"] + " (exact GELU)",
+            timm.create_model("vit_base_patch32_clip_224", pretrained=False, num_classes=512),
+            "vit_b_32_clip_gelu",
+        ),
+    ]
+
+
 def check_outputs(device: str, seed: int = 0) -> list[dict[str, object]]:
-    """Same random weights in the library model and in selfmask's; float32 outputs compared."""
+    """Same random weights in the library model and in selfmask's; float32 outputs compared.
+
+    The weights go through files in the library's layout (``.pth`` and ``.safetensors``) and
+    selfmask's loader, so the key mapping and head dropping are part of what is checked.
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -176,42 +201,30 @@ def check_outputs(device: str, seed: int = 0) -> list[dict[str, object]]:
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    ours_name = {
-        "torchvision_resnet18": "resnet18",
-        "torchvision_resnet50": "resnet50",
-        "timm_vit_base_patch32_clip_224": "vit_b_32_clip",
-    }
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for key, ref in _library_models().items():
+        for i, (reference, ref, ours_name) in enumerate(_parity_cases()):
             _randomize_(ref, seed)
             ref.eval()  # type: ignore[attr-defined]
             state = {k: v.contiguous() for k, v in ref.state_dict().items()}  # type: ignore[attr-defined]
+            theirs = ref.to(device)  # type: ignore[attr-defined]
+            if hasattr(theirs, "fc"):
+                theirs.fc = torch.nn.Identity()  # torchvision's classifier; selfmask returns embeddings
+            x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(seed + 1)).to(device)
             rows = []
             for fmt in ("pth", "safetensors"):
-                path = Path(tmp) / f"{key}.{fmt}"
+                path = Path(tmp) / f"case{i}.{fmt}"
                 if fmt == "pth":
                     torch.save(state, path)
                 else:
                     save_file(state, str(path))
-                ours = create_backbone(ours_name[key], weights=path).eval().to(device)
-                theirs = ref.to(device)  # type: ignore[attr-defined]
-                if hasattr(theirs, "fc"):
-                    theirs.fc = torch.nn.Identity()
-                g = torch.Generator().manual_seed(seed + 1)
-                x = torch.randn(4, 3, 224, 224, generator=g).to(device)
+                ours = create_backbone(ours_name, weights=path).eval().to(device)
                 with torch.no_grad():
                     a, b = ours(x).float(), theirs(x).float()
-                rel = float((a - b).norm() / b.norm())
-                rows.append({"file": fmt, "rel_error": rel, "shape": list(a.shape)})
+                rows.append({"file": fmt, "rel_error": float((a - b).norm() / b.norm()), "shape": list(a.shape)})
+            passed = all(r["rel_error"] < 1e-5 for r in rows)
             results.append(
-                {
-                    "reference": FIXTURES[key],
-                    "ours": ours_name[key],
-                    "device": device,
-                    "checks": rows,
-                    "passed": all(r["rel_error"] < 1e-5 for r in rows),
-                }
+                {"reference": reference, "ours": ours_name, "device": device, "checks": rows, "passed": passed}
             )
     return results
 
