@@ -1,7 +1,15 @@
 """Backbones with torchvision / OpenAI CLIP parameter layouts, built without those libraries."""
 
 from selfmask.backbones import zoo as _zoo  # noqa: F401  (registers the backbones)
-from selfmask.backbones.loading import create_backbone, load_state_dict_file
+from selfmask.backbones.loading import (
+    LoadReport,
+    backbone_fingerprint,
+    create_backbone,
+    load_backbone_weights,
+    load_state_dict_file,
+    read_checkpoint,
+    timm_vit_to_openai_clip,
+)
 from selfmask.backbones.registry import (
     BackboneInfo,
     backbone_info,
@@ -10,16 +18,24 @@ from selfmask.backbones.registry import (
     register_backbone,
 )
 from selfmask.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from selfmask.backbones.vit import CLIPVisionTransformer, QuickGELU
 
 __all__ = [
     "BackboneInfo",
     "BasicBlock",
     "Bottleneck",
+    "CLIPVisionTransformer",
+    "LoadReport",
+    "QuickGELU",
     "ResNet",
+    "backbone_fingerprint",
     "backbone_info",
     "build_backbone",
     "create_backbone",
     "list_backbones",
+    "load_backbone_weights",
     "load_state_dict_file",
+    "read_checkpoint",
     "register_backbone",
+    "timm_vit_to_openai_clip",
 ]

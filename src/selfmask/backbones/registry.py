@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from selfmask.errors import SelfmaskError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -47,8 +49,9 @@ def list_backbones() -> list[str]:
 
 
 def backbone_info(name: str) -> BackboneInfo:
+    """Embedding size and preprocessing of backbone ``name``."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
+        raise SelfmaskError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
     return _REGISTRY[name][1]
 
 

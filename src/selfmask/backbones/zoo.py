@@ -4,8 +4,16 @@ from __future__ import annotations
 
 from torch import nn
 
-from selfmask.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, BackboneInfo, register_backbone
+from selfmask.backbones.registry import (
+    CLIP_MEAN,
+    CLIP_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    BackboneInfo,
+    register_backbone,
+)
 from selfmask.backbones.resnet import BasicBlock, Bottleneck, ResNet
+from selfmask.backbones.vit import CLIPVisionTransformer
 
 # Embedded-benchmark images are rendered on a neutral background; 0.5/0.25 is close to their statistics.
 EMBEDDED_MEAN = (0.5, 0.5, 0.5)
@@ -25,14 +33,59 @@ def resnet50() -> nn.Module:
 
 
 @register_backbone(
-    BackboneInfo("resnet_tiny", 128, 32, EMBEDDED_MEAN, EMBEDDED_STD, "resnet", "CPU ResNet, 1 block/stage, widths 16-128")
+    BackboneInfo(
+        "resnet_tiny", 128, 32, EMBEDDED_MEAN, EMBEDDED_STD, "resnet", "CPU ResNet, 1 block/stage, widths 16-128"
+    )
 )
 def resnet_tiny() -> nn.Module:
     return ResNet(BasicBlock, (1, 1, 1, 1), widths=(16, 32, 64, 128), small_input=True)
 
 
 @register_backbone(
-    BackboneInfo("resnet_small", 256, 32, EMBEDDED_MEAN, EMBEDDED_STD, "resnet", "CPU ResNet, 2 blocks/stage, widths 32-256")
+    BackboneInfo(
+        "resnet_small", 256, 32, EMBEDDED_MEAN, EMBEDDED_STD, "resnet", "CPU ResNet, 2 blocks/stage, widths 32-256"
+    )
 )
 def resnet_small() -> nn.Module:
     return ResNet(BasicBlock, (2, 2, 2, 2), widths=(32, 64, 128, 256), small_input=True)
+
+
+@register_backbone(
+    BackboneInfo(
+        "vit_b_32_clip", 512, 224, CLIP_MEAN, CLIP_STD, "vit", "OpenAI CLIP ViT-B/32 image tower (open_clip, timm)"
+    )
+)
+def vit_b_32_clip() -> nn.Module:
+    return CLIPVisionTransformer(input_resolution=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512)
+
+
+@register_backbone(
+    BackboneInfo(
+        "vit_tiny_clip",
+        128,
+        32,
+        EMBEDDED_MEAN,
+        EMBEDDED_STD,
+        "vit",
+        "CPU CLIP-layout ViT, 32 px, patch 8, width 128, 4 blocks",
+    )
+)
+def vit_tiny_clip() -> nn.Module:
+    return CLIPVisionTransformer(input_resolution=32, patch_size=8, width=128, layers=4, heads=4, output_dim=128)
+
+
+@register_backbone(
+    BackboneInfo(
+        "vit_b_32_clip_gelu",
+        512,
+        224,
+        CLIP_MEAN,
+        CLIP_STD,
+        "vit",
+        "CLIP ViT-B/32 image tower with exact GELU (open_clip/timm LAION weights)",
+    )
+)
+def vit_b_32_clip_gelu() -> nn.Module:
+    return CLIPVisionTransformer(
+        input_resolution=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512, activation="gelu"
+    )
