@@ -8,9 +8,9 @@ import signal
 
 import pytest
 import torch
-from conftest import make_stripes
 
 import selfmask.training.loop as loop
+from conftest import make_stripes
 from selfmask.backbones import backbone_info, build_backbone
 from selfmask.errors import SelfmaskError
 from selfmask.masking import mask_scores

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
     if other["weights"] is not None and not Path(other["weights"]).is_file():
         raise SelfmaskError(f"weights file {other['weights']!r} does not exist")
     run_folder = RunFolder(args.out, overwrite=args.overwrite).prepare()  # writable, not a finished run
-    train, test = load_data(other["data"], cache_dir=args.cache_dir, seed=cfg.seed)
+    train, test = load_data(other["data"], resolution=info.input_size, cache_dir=args.cache_dir, seed=cfg.seed)
     if len(train) == 0 or len(test) == 0:
         raise SelfmaskError(f"data {other['data']!r}: empty split (train {len(train)}, test {len(test)} images)")
     torch.manual_seed(cfg.seed)

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     info = backbone_info(name)
     out = RunFolder(args.out, overwrite=args.overwrite).prepare()
     out.set_status("running")
-    train, test = load_data(args.data, cache_dir=args.cache_dir)
+    train, test = load_data(args.data, resolution=info.input_size, cache_dir=args.cache_dir)
     ctx = LowShotContext(
         info=info, weights=weights, train=train, test=test, out_dir=args.out, device=args.device, smn_dir=args.smn,
         steps_full=args.steps_full, min_steps=args.min_steps, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
