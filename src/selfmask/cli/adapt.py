@@ -55,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, (typ, help_) in _TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (glyphs: a mirrored b is a d)")
     add_swav_args(p)
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -83,6 +84,8 @@ def swav_settings(args: argparse.Namespace, info: object, seed: int):  # noqa: A
         "queue_start_epoch": args.queue_start_epoch, "freeze_prototypes_iters": args.freeze_prototypes_iters,
     }.items() if v is not None}
     crop_kw = {"n_small": args.small_crops} if args.small_crops is not None else {}
+    if args.no_flip:
+        crop_kw["flip_p"] = 0.0
     crops = MultiCrop.for_input_size(info.input_size, seed=seed, mean=info.mean, std=info.std, **crop_kw)
     return SwAVConfig(**kw), crops
 
@@ -91,16 +94,18 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     """(training settings, other settings): defaults < config file < flags."""
     file_cfg = read_config_file(args.config)
     other_keys = {"data", "backbone", "weights"}
-    unknown = set(file_cfg) - set(_TRAIN_FLAGS) - other_keys - {"augment"}
+    unknown = set(file_cfg) - set(_TRAIN_FLAGS) - other_keys - {"augment", "flip"}
     if unknown:
         raise SelfmaskError(f"config file {args.config}: unknown keys {sorted(unknown)}")
-    train = {k: v for k, v in file_cfg.items() if k in _TRAIN_FLAGS or k == "augment"}
+    train = {k: v for k, v in file_cfg.items() if k in _TRAIN_FLAGS or k in ("augment", "flip")}
     for name in _TRAIN_FLAGS:
         v = getattr(args, name)
         if v is not None:
             train[name] = v
     if args.no_augment:
         train["augment"] = False
+    if args.no_flip:
+        train["flip"] = False
     other = {
         "data": args.data if args.data != "embedded" or "data" not in file_cfg else file_cfg["data"],
         "backbone": args.backbone or file_cfg.get("backbone") or "resnet_tiny",

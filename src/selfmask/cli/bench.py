@@ -1,58 +1,97 @@
-"""``selfmask bench``: measured speed and memory figures (see BENCHMARKS.md)."""
+"""``selfmask bench``: measured speed, memory and size figures (see BENCHMARKS.md).
+
+Each figure is a ratio of variants measured side by side in one run (interleaved,
+medians), so a noisy machine affects both sides alike.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import platform
+import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
+
+SECTIONS = ("step", "memory", "augment", "data", "storage", "bank", "knn")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench",
-        help="measure masked-vs-full-fine-tuning step time and memory (ratios, medians)",
-        description="Benchmarks: each figure is a ratio of two variants measured side by side in one run.",
+        help="measure speed/memory/size figures: masked vs FFT step, augmentation, data, mask files, k-NN",
+        description="Benchmarks; each figure is a ratio of variants measured side by side in one run. "
+        f"Sections: {', '.join(SECTIONS)}.",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--backbone", default=None, help="backbone (default: resnet_tiny on CPU, resnet50 on CUDA)")
+    p.add_argument("--backbone", default=None, help="backbone of the step benchmarks (default: resnet_tiny on CPU, "
+                   "resnet50 on CUDA)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7, help="interleaved timing blocks (median over them)")
+    p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfmask.bench import peak_memory_ratio, step_time_ratio
+    from selfmask import bench
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but torch.cuda.is_available() is False on this machine")
-    if args.batch < 1:
-        raise ValueError(f"--batch must be >= 1, got {args.batch}")
-    backbone = args.backbone or ("resnet50" if args.device.startswith("cuda") else "resnet_tiny")
-    result = {
+    if args.batch < 1 or args.repeats < 1:
+        raise ValueError(f"--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}")
+    cuda = args.device.startswith("cuda")
+    backbone = args.backbone or ("resnet50" if cuda else "resnet_tiny")
+    sections: dict[str, Callable[[], dict[str, Any]]] = {
+        "step": lambda: bench.step_time_ratio(backbone, args.batch, args.repeats, device=args.device),
+        "memory": lambda: bench.peak_memory_ratio(backbone, args.batch, device=args.device),
+        "augment": lambda: bench.augment_throughput(
+            batch=args.batch, image_size=224 if cuda else 32, large_size=224 if cuda else 32,
+            small_size=96 if cuda else 16, backbone=backbone, repeats=args.repeats, device=args.device),
+        "data": lambda: bench.decode_vs_cache_throughput(num_images=128, repeats=min(args.repeats, 5)),
+        "storage": lambda: bench.mask_file_size(),
+        "bank": lambda: bench.bank_switch_time(device=args.device, repeats=args.repeats),
+        "knn": lambda: bench.knn_time(device=args.device),
+    }
+    result: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor() or platform.machine(),
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
-        },
-        "step_time": step_time_ratio(backbone, args.batch, args.repeats, device=args.device),
-        "peak_memory": peak_memory_ratio(backbone, args.batch, device=args.device),
+            "device": torch.cuda.get_device_name() if cuda else "cpu",
+            "date": time.strftime("%Y-%m-%d"),
+        }
     }
+    for name in args.only or SECTIONS:
+        t0 = time.perf_counter()
+        result[name] = sections[name]()
+        result[name]["bench_seconds"] = time.perf_counter() - t0
+        if not args.json:
+            _print_section(name, result[name])
     if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    st, pm = result["step_time"], result["peak_memory"]
-    print(f"machine: {result['machine']['platform']}, torch {torch.__version__}, {st['threads']} threads")
-    print(f"{'figure':<40} {'masked':>12} {'FFT':>12} {'ratio':>7}")
-    print(
-        f"{f'step time ({backbone}, batch {args.batch}, {args.device})':<40} "
-        f"{st['masked_step_s'] * 1e3:>10.1f}ms {st['fft_step_s'] * 1e3:>10.1f}ms {st['time_ratio']:>7.3f}"
-    )
-    print(
-        f"{'peak memory growth':<40} {pm['masked_peak_bytes'] / 2**20:>10.1f}MB "
-        f"{pm['fft_peak_bytes'] / 2**20:>10.1f}MB {pm['memory_ratio']:>7.3f}"
-    )
+        print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+_KEY_FIGURES = {
+    "step": ("masked_step_s", "fft_step_s", "time_ratio"),
+    "memory": ("masked_peak_bytes", "fft_peak_bytes", "memory_ratio"),
+    "augment": ("images_per_s", "augment_s", "step_s", "augment_over_step"),
+    "data": ("decode_images_per_s", "cache_read_images_per_s", "cache_speedup"),
+    "storage": ("file_bytes", "payload_over_bound", "header_bytes", "bits_per_weight", "x_smaller_than_fp32",
+                "encode_plus_decode_s"),
+    "bank": ("switch_s", "copy_s", "switch_over_copy"),
+    "knn": ("bank", "queries", "dim", "seconds", "queries_per_s"),
+}
+
+
+def _print_section(name: str, res: dict[str, Any]) -> None:
+    keys = [k for k in _KEY_FIGURES.get(name, ()) if k in res] or [k for k in res if not isinstance(res[k], dict)]
+    parts = []
+    for k in keys:
+        v = res[k]
+        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    print(f"[{name}] " + ", ".join(parts))

@@ -91,6 +91,7 @@ def pretrained_checkpoint(cfg: DemoConfig, bench: Any) -> Path:
 def train_smn(cfg: DemoConfig, info: Any, ckpt: Path, train: Any) -> tuple[Path, list[dict[str, Any]]]:
     """The self-masking network: masks trained with SwAV on all downstream images, no labels."""
     from selfmask.backbones import create_backbone
+    from selfmask.data.multicrop import MultiCrop
     from selfmask.objectives import SwAVConfig
     from selfmask.training.config import TrainConfig
     from selfmask.training.run_folder import RunFolder
@@ -104,11 +105,12 @@ def train_smn(cfg: DemoConfig, info: Any, ckpt: Path, train: Any) -> tuple[Path,
         queue_start_epoch=max(1, round(0.2 * epochs)),  # the paper: epoch 30 of 150
         freeze_prototypes_iters=max(1, cfg.smn_steps // 20),
     )
-    tcfg = TrainConfig(method="mask", objective="swav", epochs=epochs, seed=cfg.seed, device=cfg.device)
+    tcfg = TrainConfig(method="mask", objective="swav", epochs=epochs, seed=cfg.seed, device=cfg.device, flip=False)
+    crops = MultiCrop.for_input_size(info.input_size, seed=cfg.seed, mean=info.mean, std=info.std, flip_p=0.0)
     run_dir = cfg.out / "runs" / "smn"
     result = adapt_swav(
-        create_backbone(cfg.backbone, ckpt), info, train, tcfg, swav, run=RunFolder(run_dir, overwrite=True).prepare(),
-        run_meta={"weights": str(ckpt)}, progress=cfg.progress,
+        create_backbone(cfg.backbone, ckpt), info, train, tcfg, swav, crops=crops,
+        run=RunFolder(run_dir, overwrite=True).prepare(), run_meta={"weights": str(ckpt)}, progress=cfg.progress,
     )
     RunFolder(run_dir).set_status("finished")
     return run_dir, result.history
@@ -133,7 +135,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         info=info, weights=str(ckpt), train=train, test=test, out_dir=cfg.out, device=cfg.device,
         steps_full=cfg.steps_full, min_steps=cfg.min_steps, warmup_fraction=cfg.warmup_fraction,
         topk_keep_ratio=cfg.topk_keep_ratio, knn_k=cfg.knn_k, knn_temperature=cfg.knn_temperature,
-        progress=cfg.progress,
+        progress=cfg.progress, flip=False,  # glyphs: a mirrored b is a d
     )
     if any(m in ("smn-knn", "smn-lp", "semi") for m in cfg.methods):
         t0 = time.perf_counter()

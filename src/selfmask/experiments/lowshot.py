@@ -60,6 +60,7 @@ class LowShotContext:
     min_steps: int = 120
     warmup_fraction: float = 40 / 150
     topk_keep_ratio: float = 0.9
+    flip: bool = True
     knn_k: int = 200
     knn_temperature: float = 0.1
     progress: bool = True
@@ -132,7 +133,7 @@ def lowshot_row(ctx: LowShotContext, method: str, fraction: float, seed: int) ->
         tcfg = TrainConfig(
             method="mask" if method == "semi" else method, epochs=epochs,
             warmup_epochs=round(ctx.warmup_fraction * epochs, 3) if epochs > 1 else 0.0,
-            keep_ratio=ctx.topk_keep_ratio, seed=seed, device=ctx.device, label_fraction=fraction,
+            keep_ratio=ctx.topk_keep_ratio, flip=ctx.flip, seed=seed, device=ctx.device, label_fraction=fraction,
             init_from=str(ctx.smn_dir) if method == "semi" else None,
         )
         if method == "semi" and ctx.smn_dir is None:

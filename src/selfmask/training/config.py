@@ -50,7 +50,9 @@ class TrainConfig:
         mask_targets: a MaskConfig target preset name / regex; ``None`` = the
             backbone's preset.
         bn: BatchNorm statistics policy of masked runs (``train`` or ``eval``).
-        augment: random crop (padding 1/8 of the size) + horizontal flip, on device.
+        augment: random crop (padding 1/8 of the size), on device.
+        flip: also flip horizontally (off for data where a mirror image is another
+            class, such as glyphs: a mirrored b is a d).
         seed: seeds the model's new parameters, the data order and augmentation.
         device: ``cpu`` or ``cuda[:N]``.
         label_fraction / per_class: train on a seeded, stratified labelled subset.
@@ -78,6 +80,7 @@ class TrainConfig:
     mask_targets: str | None = None
     bn: Literal["train", "eval"] = "train"
     augment: bool = True
+    flip: bool = True
     seed: int = 0
     device: str = "cpu"
     label_fraction: float | None = None

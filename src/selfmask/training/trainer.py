@@ -243,7 +243,7 @@ def adapt(
         x = images[idx].to(dev, non_blocking=True)
         y = labels[idx].to(dev, non_blocking=True)
         if cfg.augment:
-            x = random_crop_flip(x, gen)
+            x = random_crop_flip(x, gen, flip=cfg.flip)
         logits = head(backbone(normalize_batch(x, info.mean, info.std)))
         loss = nn.functional.cross_entropy(logits, y)
         n = len(y)
