@@ -21,6 +21,7 @@ the size variant, the seed and :data:`EMBEDDED_VERSION`.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -143,6 +144,15 @@ def _render_downstream(
     return _compose_chunked(masks, DOWNSTREAM_APPEARANCE, gen), labels
 
 
+@functools.lru_cache(maxsize=2)
+def _glyph_sources() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Letter masks, digit masks, handwriting masks and labels: seed-independent, so rendered once per process."""
+    letters = render_glyph_masks(list(PRETRAIN_FONTS), LETTERS + LETTERS.lower())
+    digits = render_glyph_masks(list(DOWNSTREAM_FONTS), DIGITS)
+    hand, hand_labels = handwritten_digit_masks()
+    return letters, digits, hand, hand_labels
+
+
 def _compose_chunked(masks: torch.Tensor, app: Appearance, gen: torch.Generator, chunk: int = 2048) -> torch.Tensor:
     return torch.cat([compose(masks[i : i + chunk], RESOLUTION, app, gen) for i in range(0, len(masks), chunk)])
 
@@ -156,9 +166,7 @@ def build_embedded(seed: int = 0, size: str = "default") -> EmbeddedBenchmark:
     start = time.perf_counter()
     sizes = SIZES[size]
     with torch.random.fork_rng(devices=[]):  # never disturb the caller's global RNG
-        letters = render_glyph_masks(list(PRETRAIN_FONTS), LETTERS + LETTERS.lower())
-        digits = render_glyph_masks(list(DOWNSTREAM_FONTS), DIGITS)
-        hand, hand_labels = handwritten_digit_masks()
+        letters, digits, hand, hand_labels = _glyph_sources()  # read-only below (indexing copies)
         order = torch.randperm(len(hand), generator=_generator(seed, "handwriting"))
         n_train = round(HANDWRITTEN_TRAIN_FRACTION * len(hand))
         hand_split = {"downstream_train": order[:n_train], "downstream_test": order[n_train:]}
