@@ -91,9 +91,25 @@ class LowShotContext:
         return self._features[which]
 
 
-def epochs_for(n_labelled: int, batch: int, steps: int) -> int:
-    """Epochs giving about ``steps`` optimiser steps over ``n_labelled`` images."""
-    steps_per_epoch = max(1, n_labelled // min(batch, n_labelled))
+#: A labelled subset smaller than this many batches is repeated (each repeat gets its own
+#: augmentation) so that an epoch has at least this many steps: with 20 labelled images an
+#: epoch would otherwise be one step, and per-epoch work (metrics, checkpoints) would dominate.
+MIN_BATCHES_PER_EPOCH = 10
+
+
+def tiled(dataset: ImageTensorDataset, batch: int) -> ImageTensorDataset:
+    """``dataset`` repeated to at least ``MIN_BATCHES_PER_EPOCH`` batches (unchanged if already larger)."""
+    need = batch * MIN_BATCHES_PER_EPOCH
+    if len(dataset) >= need:
+        return dataset
+    reps = math.ceil(need / len(dataset))
+    idx = torch.arange(len(dataset)).repeat(reps)
+    return dataset.subset(idx, name=f"{dataset.name} x{reps}")
+
+
+def epochs_for(n_items: int, batch: int, steps: int) -> int:
+    """Epochs giving about ``steps`` optimiser steps over ``n_items`` images."""
+    steps_per_epoch = max(1, n_items // min(batch, n_items))
     return max(1, math.ceil(steps / steps_per_epoch))
 
 
@@ -129,19 +145,20 @@ def lowshot_row(ctx: LowShotContext, method: str, fraction: float, seed: int) ->
         smn_bits = _smn_bits(ctx) if which == "smn" else 0
         row["stored_bits"] = smn_bits + (head_bits if method.endswith("lp") else 0)
     else:
-        epochs = epochs_for(len(idx), 64, max(ctx.min_steps, round(ctx.steps_full * fraction)))
+        labelled = tiled(ctx.train.subset(idx, name=f"{ctx.train.name}[{len(idx)} labelled]"), 64)
+        epochs = epochs_for(len(labelled), 64, max(ctx.min_steps, round(ctx.steps_full * fraction)))
         tcfg = TrainConfig(
             method="mask" if method == "semi" else method, epochs=epochs,
             warmup_epochs=round(ctx.warmup_fraction * epochs, 3) if epochs > 1 else 0.0,
-            keep_ratio=ctx.topk_keep_ratio, flip=ctx.flip, seed=seed, device=ctx.device, label_fraction=fraction,
+            keep_ratio=ctx.topk_keep_ratio, flip=ctx.flip, seed=seed, device=ctx.device,
             init_from=str(ctx.smn_dir) if method == "semi" else None,
         )
         if method == "semi" and ctx.smn_dir is None:
             raise SelfmaskError("method 'semi' needs a self-masking network: give an SMN run folder")
         run_dir = ctx.out_dir / "runs" / f"{method}-{fraction:g}-seed{seed}"
         result = adapt(
-            ctx.backbone("pretrained"), ctx.info, ctx.train, tcfg, run=RunFolder(run_dir, overwrite=True).prepare(),
-            run_meta={"weights": ctx.weights}, progress=ctx.progress,
+            ctx.backbone("pretrained"), ctx.info, labelled, tcfg, run=RunFolder(run_dir, overwrite=True).prepare(),
+            run_meta={"weights": ctx.weights, "label_subset": subset.to_dict()}, progress=ctx.progress,
         )
         acc = classify(result.backbone, result.head, ctx.test, ctx.info, device=ctx.device)
         ev = evaluate_features(
