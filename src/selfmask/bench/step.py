@@ -23,6 +23,7 @@ from torch import nn
 
 from selfmask.backbones import backbone_info, build_backbone
 from selfmask.masking import MaskConfig, mask_model
+from selfmask.masking.model import enable_fast_masks
 
 
 @dataclass
@@ -32,13 +33,20 @@ class _Variant:
     opt: torch.optim.Optimizer
 
 
-def _make_variant(backbone: str, masked: bool, num_classes: int, device: torch.device, seed: int) -> _Variant:
+def _make_variant(
+    backbone: str, masked: bool, num_classes: int, device: torch.device, seed: int, fast_masks: bool = False,
+    channels_last: bool = False,
+) -> _Variant:
     torch.manual_seed(seed)
     model = build_backbone(backbone).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
     info = backbone_info(backbone)
     head = nn.Linear(info.embed_dim, num_classes).to(device)
     if masked:
         mask_model(model, MaskConfig.preset(info.mask_preset))
+        if fast_masks:
+            enable_fast_masks(model)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.SGD(
             [{"params": params, "lr": 50.0}, {"params": head.parameters(), "lr": 0.1}], momentum=0.9
@@ -49,9 +57,10 @@ def _make_variant(backbone: str, masked: bool, num_classes: int, device: torch.d
     return _Variant(model, head, opt)
 
 
-def _step(v: _Variant, x: torch.Tensor, y: torch.Tensor) -> None:
+def _step(v: _Variant, x: torch.Tensor, y: torch.Tensor, amp: str | None = None) -> None:
     v.opt.zero_grad(set_to_none=True)
-    loss = nn.functional.cross_entropy(v.head(v.model(x)), y)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+        loss = nn.functional.cross_entropy(v.head(v.model(x)), y)
     loss.backward()
     v.opt.step()
 
@@ -76,20 +85,7 @@ def step_time_ratio(
     x = torch.randn(batch, 3, info.input_size, info.input_size, generator=g).to(dev)
     y = torch.randint(0, 10, (batch,), generator=g).to(dev)
     variants = {"masked": _make_variant(backbone, True, 10, dev, seed), "fft": _make_variant(backbone, False, 10, dev, seed)}
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for v in variants.values():  # warm-up
-        _step(v, x, y)
-        _step(v, x, y)
-    _sync(dev)
-    for r in range(repeats):
-        order = list(variants) if r % 2 == 0 else list(reversed(variants))
-        for name in order:
-            t0 = time.perf_counter()
-            for _ in range(steps_per_block):
-                _step(variants[name], x, y)
-            _sync(dev)
-            times[name].append((time.perf_counter() - t0) / steps_per_block)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = _interleaved_medians(variants, x, y, repeats, steps_per_block, None)
     return {
         "backbone": backbone,
         "batch": batch,
@@ -148,3 +144,76 @@ def peak_memory_ratio(backbone: str = "resnet_tiny", batch: int = 64, steps: int
         out["masked_peak_bytes" if masked else "fft_peak_bytes"] = int(json.loads(res.stdout.strip().splitlines()[-1]))
     out["memory_ratio"] = out["masked_peak_bytes"] / out["fft_peak_bytes"]  # type: ignore[operator]
     return out
+
+
+def _interleaved_medians(
+    variants: dict[str, _Variant], x: torch.Tensor, y: torch.Tensor, repeats: int, steps_per_block: int,
+    amp: str | None,
+) -> dict[str, float]:
+    """Median seconds per step of each variant, timed in interleaved blocks (rotating order)."""
+    dev = x.device
+    for v in variants.values():  # warm-up
+        _step(v, x, y, amp)
+        _step(v, x, y, amp)
+    _sync(dev)
+    names = list(variants)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            for _ in range(steps_per_block):
+                _step(variants[name], x, y, amp)
+            _sync(dev)
+            times[name].append((time.perf_counter() - t0) / steps_per_block)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def fast_path_step_ratios(
+    backbone: str = "resnet_tiny",
+    batch: int = 64,
+    repeats: int = 9,
+    steps_per_block: int = 3,
+    device: str = "cpu",
+    amp: str | None = None,
+    channels_last: bool = False,
+    seed: int = 0,
+) -> dict[str, float | int | str | None]:
+    """Masked / FFT step-time ratios with and without the fast mask path, side by side.
+
+    Three variants of the same backbone, batch and optimiser settings are timed in
+    one process, interleaved in blocks with a rotating order: FFT, masked training
+    on the plain path (masks and alphas per layer per forward pass) and masked
+    training on the fast path (:func:`~selfmask.masking.model.enable_fast_masks`).
+    ``amp="bf16"`` runs the forward passes under bfloat16 autocast and
+    ``channels_last`` stores weights and inputs channels-last, for all three alike.
+    """
+    if amp not in (None, "bf16"):
+        raise ValueError(f"fast_path_step_ratios: amp must be None or 'bf16', got {amp!r}")
+    dev = torch.device(device)
+    info = backbone_info(backbone)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, info.input_size, info.input_size, generator=g).to(dev)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (batch,), generator=g).to(dev)
+    variants = {
+        "fft": _make_variant(backbone, False, 10, dev, seed, channels_last=channels_last),
+        "masked_plain": _make_variant(backbone, True, 10, dev, seed, channels_last=channels_last),
+        "masked_fast": _make_variant(backbone, True, 10, dev, seed, fast_masks=True, channels_last=channels_last),
+    }
+    med = _interleaved_medians(variants, x, y, repeats, steps_per_block, amp)
+    return {
+        "backbone": backbone,
+        "batch": batch,
+        "device": device,
+        "amp": amp,
+        "channels_last": channels_last,
+        "threads": torch.get_num_threads(),
+        "fft_step_s": med["fft"],
+        "masked_plain_step_s": med["masked_plain"],
+        "masked_fast_step_s": med["masked_fast"],
+        "plain_time_ratio": med["masked_plain"] / med["fft"],
+        "fast_time_ratio": med["masked_fast"] / med["fft"],
+        "repeats": repeats,
+    }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,15 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "device": (str, "cpu | cuda[:N] (default cpu)"),
     "label_fraction": (float, "train on this seeded fraction of the labels, in (0, 1]"),
     "per_class": (int, "train on this many labelled images per class"),
+    "precision": (str, "fp32 | bf16 (bfloat16 autocast of the forward passes; default fp32)"),
+}
+
+# boolean switches: flag -> (TrainConfig field, value when given, help)
+_SPEED_SWITCHES: dict[str, tuple[str, bool, str]] = {
+    "channels_last": ("channels_last", True, "channels-last weights and inputs (GPU convolutions)"),
+    "compile": ("compile", True, "run the model through torch.compile"),
+    "no_fast_masks": ("fast_masks", False, "compute masks per layer per forward pass (the plain path)"),
+    "sync_bn": ("sync_bn", True, "distributed GPU runs: SyncBatchNorm instead of per-process statistics"),
 }
 
 
@@ -56,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
     p.add_argument("--no-augment", action="store_true", help="no random crop / flip")
     p.add_argument("--no-flip", action="store_true", help="no horizontal flips (glyphs: a mirrored b is a d)")
+    g = p.add_argument_group("speed and scale (several processes: torchrun --nproc_per_node N -m selfmask adapt ...)")
+    for flag, (_field, _value, help_) in _SPEED_SWITCHES.items():
+        g.add_argument("--" + flag.replace("_", "-"), action="store_true", help=help_)
     add_swav_args(p)
     p.add_argument("--no-eval", action="store_true", help="train only")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -94,10 +107,11 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     """(training settings, other settings): defaults < config file < flags."""
     file_cfg = read_config_file(args.config)
     other_keys = {"data", "backbone", "weights"}
-    unknown = set(file_cfg) - set(_TRAIN_FLAGS) - other_keys - {"augment", "flip"}
+    switch_fields = {f for f, _v, _h in _SPEED_SWITCHES.values()}
+    unknown = set(file_cfg) - set(_TRAIN_FLAGS) - other_keys - {"augment", "flip"} - switch_fields
     if unknown:
         raise SelfmaskError(f"config file {args.config}: unknown keys {sorted(unknown)}")
-    train = {k: v for k, v in file_cfg.items() if k in _TRAIN_FLAGS or k in ("augment", "flip")}
+    train = {k: v for k, v in file_cfg.items() if k in _TRAIN_FLAGS or k in ("augment", "flip") or k in switch_fields}
     for name in _TRAIN_FLAGS:
         v = getattr(args, name)
         if v is not None:
@@ -106,6 +120,9 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
         train["augment"] = False
     if args.no_flip:
         train["flip"] = False
+    for flag, (field_name, value, _h) in _SPEED_SWITCHES.items():
+        if getattr(args, flag, False):
+            train[field_name] = value
     other = {
         "data": args.data if args.data != "embedded" or "data" not in file_cfg else file_cfg["data"],
         "backbone": args.backbone or file_cfg.get("backbone") or "resnet_tiny",
@@ -115,25 +132,51 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from selfmask.backbones import backbone_info, create_backbone
-    from selfmask.data.sources import load_data
-    from selfmask.experiments.evaluate import evaluate_features
     from selfmask.training.config import TrainConfig
-    from selfmask.training.run_folder import RunFolder
-    from selfmask.training.trainer import adapt, classify, count_trainable_bits, resolve_device
+    from selfmask.training.distributed import init_distributed, shutdown
+    from selfmask.training.trainer import resolve_device
 
     setup_logging()
     check_eval_args(args)
     train_settings, other = resolve_settings(args)
     cfg = TrainConfig(**train_settings)  # validates before anything else happens
     resolve_device(cfg.device)
+    ctx = init_distributed(cfg.device)  # torchrun: join the process group (CUDA checked first)
+    try:
+        return _run(args, cfg, other, ctx)
+    finally:
+        shutdown(ctx)
+
+
+def _run(args: argparse.Namespace, cfg: Any, other: dict[str, Any], ctx: Any) -> int:
+    import torch
+
+    from selfmask.backbones import backbone_info, create_backbone
+    from selfmask.data.sources import load_data
+    from selfmask.experiments.evaluate import evaluate_features
+    from selfmask.training.distributed import barrier, broadcast_flag
+    from selfmask.training.run_folder import RunFolder
+    from selfmask.training.trainer import adapt, classify, count_trainable_bits
+
+    if not ctx.is_main:  # one log: rank 0's
+        logging.getLogger("selfmask").setLevel(logging.WARNING)
     info = backbone_info(other["backbone"])
     if other["weights"] is not None and not Path(other["weights"]).is_file():
         raise SelfmaskError(f"weights file {other['weights']!r} does not exist")
-    run_folder = RunFolder(args.out, overwrite=args.overwrite).prepare()  # writable, not a finished run
+    run_folder = RunFolder(args.out, overwrite=args.overwrite)
+    if ctx.is_main:  # rank 0 prepares the folder; the others learn whether it could
+        try:
+            run_folder.prepare()  # writable, not a finished run
+        except SelfmaskError:
+            broadcast_flag(False, ctx)
+            raise
+    if not broadcast_flag(True, ctx):
+        raise SelfmaskError(f"rank 0 could not prepare the run folder {str(args.out)!r}; see its message")
+    if not ctx.is_main:
+        barrier(ctx)  # rank 0 reads (and caches) the data first
     train, test = load_data(other["data"], resolution=info.input_size, cache_dir=args.cache_dir, seed=cfg.seed)
+    if ctx.is_main:
+        barrier(ctx)
     if len(train) == 0 or len(test) == 0:
         raise SelfmaskError(f"data {other['data']!r}: empty split (train {len(train)}, test {len(test)} images)")
     torch.manual_seed(cfg.seed)
@@ -152,6 +195,8 @@ def run(args: argparse.Namespace) -> int:
                             progress=not args.no_progress, online_eval=online)
     else:
         result = adapt(backbone, info, train, cfg, run=run_folder, progress=not args.no_progress, run_meta=meta)
+    if not ctx.is_main:
+        return 0  # rank 0 evaluates and writes results.json
     results: dict[str, Any] = {"method": cfg.method, "label_fraction": cfg.label_fraction, "per_class": cfg.per_class,
                                "seed": cfg.seed, "backbone": info.name, "data": other["data"],
                                "final_train_loss": result.history[-1]["loss"], **count_trainable_bits(result)}

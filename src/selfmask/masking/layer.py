@@ -83,12 +83,21 @@ class MaskedWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor, rescale: bool
+        ctx: Any,
+        weight: torch.Tensor,
+        scores: torch.Tensor,
+        mask: torch.Tensor,
+        rescale: bool,
+        inv_alpha: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # ``inv_alpha`` may arrive precomputed (the fast path, :class:`FlatMaskCache`); it is
+        # the very number ``_inv_alpha(mask, dtype)`` gives, computed for all tensors at once.
         out = torch.mul(weight, mask)
-        inv_alpha = None
-        if rescale:
+        if not rescale:
+            inv_alpha = None
+        elif inv_alpha is None:
             inv_alpha = _inv_alpha(mask, weight.dtype)
+        if inv_alpha is not None:
             out.mul_(inv_alpha)
         # The output is the weight the layer uses; the layer saves it for its own
         # backward anyway, so keeping it here costs no memory. The mask (1 byte per
@@ -113,7 +122,7 @@ class MaskedWeight(torch.autograd.Function):
             grad_weight = grad_out * mask
             if inv_alpha is not None:
                 grad_weight.mul_(inv_alpha)
-        return grad_weight, grad_scores, None, None
+        return grad_weight, grad_scores, None, None, None
 
 
 class ScoreMask(nn.Module):
@@ -177,6 +186,10 @@ class ScoreMask(nn.Module):
             trainable = trainable.to(device)
         self.register_buffer("trainable", trainable, persistent=False)
         self._selective = trainable is not None  # a plain attribute: the default path stays as fast
+        # the fast path (:func:`~selfmask.masking.model.enable_fast_masks`): a cache shared by
+        # every mask of a model that computes all masks and alphas in one pass per step
+        self._flat_cache: FlatMaskCache | None = None
+        self._flat_index = -1
 
     def mask(self) -> torch.Tensor:
         """The current binary mask (bool, no gradient)."""
@@ -189,6 +202,12 @@ class ScoreMask(nn.Module):
             return threshold_mask(self.scores, self.threshold)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._flat_cache is not None:
+            mask, inv_alpha = self._flat_cache.lookup(self._flat_index)
+            scores = self.scores
+            if self._selective:
+                scores = torch.where(self.trainable, scores, scores.detach())
+            return MaskedWeight.apply(weight, scores, mask, self.rescale, inv_alpha)
         if self._selective:
             # fixed entries: M = 1 (in mask()) and no gradient to their scores
             scores = torch.where(self.trainable, self.scores, self.scores.detach())
@@ -201,3 +220,119 @@ class ScoreMask(nn.Module):
         if self._selective:
             text += f", trainable={int(self.trainable.sum())}/{self.trainable.numel()}"
         return text
+
+
+class FlatMaskCache:
+    """The fast path: masks and alphas of many threshold-mode :class:`ScoreMask` s in one pass.
+
+    The scores of every member live in one flat buffer per (device, dtype): each
+    ``ScoreMask.scores`` parameter keeps its identity (optimisers, state dicts and
+    names are untouched) but its storage becomes a view into the buffer. One pass
+    computes ``M = 1[S > mu]`` of all tensors with one comparison, the active counts
+    of all tensors with one segmented sum and every ``1/alpha`` with one ``rsqrt``;
+    the per-tensor masks are views of the result. The pass is cached and redone only
+    when a member's scores changed (an optimiser step, a ``load_state_dict``: tracked
+    by the parameters' version counters), so a step with several forward passes
+    (SwAV's multi-crop) computes its masks once.
+
+    The numbers are the plain path's: the same comparison, exact integer counts (in
+    float32 up to 2**24 entries per tensor, float64 above) and the same
+    ``rsqrt(count / n)``, so masks and masked weights are identical.
+
+    Args:
+        members: threshold-mode score masks (top-k masks cannot share one pass).
+    """
+
+    def __init__(self, members: list[ScoreMask]) -> None:
+        if not members:
+            raise ValueError("FlatMaskCache: no score masks given")
+        for pm in members:
+            if pm.mode != "threshold":
+                raise ValueError(f"FlatMaskCache: only threshold-mode masks share a pass, got mode={pm.mode!r}")
+        self.members = list(members)
+        self._groups: list[_FlatGroup] = []
+        by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, pm in enumerate(self.members):
+            by_key.setdefault((pm.scores.device, pm.scores.dtype), []).append(i)
+        self._group_of = [0] * len(self.members)
+        self._row = [0] * len(self.members)
+        for g, indices in enumerate(by_key.values()):
+            self._groups.append(_FlatGroup([self.members[i] for i in indices]))
+            for row, i in enumerate(indices):
+                self._group_of[i], self._row[i] = g, row
+        for i, pm in enumerate(self.members):
+            pm._flat_cache, pm._flat_index = self, i
+
+    def lookup(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask, inv_alpha)`` of member ``index``, recomputing the pass if its scores changed."""
+        group = self._groups[self._group_of[index]]
+        row = self._row[index]
+        if not group.fresh(row):
+            group.refresh()
+        return group.masks[row], group.inv_alpha[row]
+
+    def detach(self) -> None:
+        """Return every member to the plain path (their scores keep their values)."""
+        for pm in self.members:
+            pm._flat_cache, pm._flat_index = None, -1
+
+
+class _FlatGroup:
+    """Members of one device and dtype: one flat score buffer and its cached pass."""
+
+    def __init__(self, members: list[ScoreMask]) -> None:
+        self.members = members
+        self.lengths = [pm.scores.numel() for pm in members]
+        self.flat = torch.empty(0)
+        self.masks: list[torch.Tensor] = []
+        self.inv_alpha: list[torch.Tensor] = []
+        self._versions = [-1] * len(members)
+        self._pointers = [-1] * len(members)
+        self._flatten()
+
+    def _flatten(self) -> None:
+        """Move the scores into one buffer; each parameter's storage becomes a view of it."""
+        first = self.members[0].scores
+        with torch.no_grad():
+            self.flat = torch.cat([pm.scores.detach().reshape(-1) for pm in self.members]) if self.members else first
+            offset = 0
+            for pm, n in zip(self.members, self.lengths):
+                pm.scores.data = self.flat[offset : offset + n].view(pm.scores.shape)
+                offset += n
+        device = self.flat.device
+        self._lengths_t = torch.tensor(self.lengths, dtype=torch.long, device=device)
+        # exact integer counts: float32 holds every integer up to 2**24
+        self._acc = torch.float64 if self.flat.dtype == torch.float64 or max(self.lengths) > 2**24 else torch.float32
+        self._numels = torch.tensor(self.lengths, dtype=self._acc, device=device)
+        thresholds = {pm.threshold for pm in self.members}
+        self._threshold: float | torch.Tensor = thresholds.pop() if len(thresholds) == 1 else torch.cat(
+            [torch.full((n,), pm.threshold, dtype=self.flat.dtype) for pm, n in zip(self.members, self.lengths)]
+        ).to(device)
+        self._fixed: torch.Tensor | None = None
+        if any(pm._selective for pm in self.members):
+            self._fixed = torch.cat(
+                [
+                    (~pm.trainable).reshape(-1) if pm._selective else torch.zeros(n, dtype=torch.bool, device=device)
+                    for pm, n in zip(self.members, self.lengths)
+                ]
+            )
+        self._pointers = [pm.scores.data_ptr() for pm in self.members]
+        self._versions = [-1] * len(self.members)
+
+    def fresh(self, row: int) -> bool:
+        scores = self.members[row].scores
+        return scores._version == self._versions[row] and scores.data_ptr() == self._pointers[row]
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Recompute every mask and ``1/alpha`` of the group in one pass."""
+        if any(pm.scores.data_ptr() != ptr for pm, ptr in zip(self.members, self._pointers)):
+            self._flatten()  # the parameters were moved (``.to()``) or replaced: gather them again
+        mask = self.flat > self._threshold
+        if self._fixed is not None:
+            mask |= self._fixed
+        counts = torch.segment_reduce(mask.to(self._acc), "sum", lengths=self._lengths_t)
+        inv_alpha = torch.rsqrt(counts.clamp_min(1.0) / self._numels).to(self.flat.dtype)
+        self.masks = [m.view(pm.scores.shape) for m, pm in zip(mask.split(self.lengths), self.members)]
+        self.inv_alpha = list(inv_alpha.unbind())
+        self._versions = [pm.scores._version for pm in self.members]

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from selfmask.masking.config import MaskConfig
-from selfmask.masking.layer import ScoreMask, selective_trainable_mask
+from selfmask.masking.layer import FlatMaskCache, ScoreMask, selective_trainable_mask
 
 _CONFIG_ATTR = "_selfmask_config"
 _BN_HOOK_ATTR = "_selfmask_bn_hook"
@@ -209,6 +209,7 @@ def merge_masks(model: nn.Module) -> nn.Module:
     entries = list(iter_score_masks(model))
     if not entries:
         raise ValueError("merge_masks: the model has no masks to merge (was mask_model called?)")
+    disable_fast_masks(model)
     for _name, module, tensor_name, _pm in entries:
         parametrize.remove_parametrizations(module, tensor_name, leave_parametrized=True)
     for module in model.modules():
@@ -219,6 +220,39 @@ def merge_masks(model: nn.Module) -> nn.Module:
     if hasattr(model, _CONFIG_ATTR):
         delattr(model, _CONFIG_ATTR)
     return model
+
+
+def enable_fast_masks(model: nn.Module) -> FlatMaskCache | None:
+    """Switch the threshold-mode masks of ``model`` to the fast path, in place.
+
+    All their scores move into one flat buffer per device and dtype (the score
+    parameters keep their identity, names and values, so an optimiser built before
+    or after this call works alike), and masks and alphas of all tensors are
+    computed in one pass per optimiser step instead of once per layer per forward
+    pass (:class:`~selfmask.masking.layer.FlatMaskCache`). Outputs, gradients and
+    masks are the plain path's. Top-k masks keep the plain path. Calling it again
+    re-gathers the scores (e.g. after masks were added); :func:`merge_masks` and
+    :func:`disable_fast_masks` undo it.
+
+    Returns:
+        the cache, or ``None`` when the model has no threshold-mode masks.
+
+    Raises:
+        ValueError: the model has no masks.
+    """
+    entries = list(iter_score_masks(model))
+    if not entries:
+        raise ValueError("enable_fast_masks: the model has no masks (call mask_model first)")
+    disable_fast_masks(model)
+    members = [pm for _n, _m, _t, pm in entries if pm.mode == "threshold"]
+    return FlatMaskCache(members) if members else None
+
+
+def disable_fast_masks(model: nn.Module) -> None:
+    """Return every mask of ``model`` to the plain per-layer computation (scores unchanged)."""
+    for _n, _m, _t, pm in iter_score_masks(model):
+        if pm._flat_cache is not None:
+            pm._flat_cache.detach()
 
 
 def binary_entropy(p: float) -> float:

@@ -11,6 +11,7 @@ from selfmask.errors import SelfmaskError
 METHODS = ("mask", "topk", "fft", "linear")
 HEADS = ("linear", "masked-random")
 OBJECTIVES = ("supervised", "swav")
+PRECISIONS = ("fp32", "bf16")
 
 #: The paper's optimiser settings per method (METHOD.md sections 1 and 3): used when a
 #: field is left ``None``.
@@ -61,6 +62,16 @@ class TrainConfig:
             few labels (the semi-supervised setting).
         checkpoint_every: write a resumable checkpoint every this many steps (0: only
             at the end of each epoch; checkpoints need a run folder).
+        precision: ``fp32`` or ``bf16`` (forward passes under bfloat16 autocast; scores,
+            weights and optimiser state stay float32).
+        channels_last: store weights and inputs channels-last (faster convolutions on
+            GPUs with tensor cores).
+        compile: run the model through ``torch.compile``.
+        fast_masks: compute the masks and alphas of all masked tensors in one pass per
+            step from one flat score buffer (``enable_fast_masks``); the same masks and
+            numbers as the per-layer path, fewer kernel launches.
+        sync_bn: distributed GPU runs: SyncBatchNorm (statistics over the global batch)
+            instead of per-process BatchNorm statistics.
     """
 
     method: Literal["mask", "topk", "fft", "linear"] = "mask"
@@ -87,6 +98,11 @@ class TrainConfig:
     per_class: int | None = None
     init_from: str | None = None
     checkpoint_every: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    fast_masks: bool = True
+    sync_bn: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -118,6 +134,15 @@ class TrainConfig:
             raise SelfmaskError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.init_from is not None and self.method not in ("mask", "topk"):
             raise SelfmaskError(f"init_from continues mask scores; method {self.method!r} has none")
+        if self.precision not in PRECISIONS:
+            raise SelfmaskError(f"unknown precision {self.precision!r}; expected one of {PRECISIONS}")
+        for name in ("channels_last", "compile", "fast_masks", "sync_bn"):
+            if not isinstance(getattr(self, name), bool):
+                raise SelfmaskError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.sync_bn and not str(self.device).startswith("cuda"):
+            raise SelfmaskError(
+                f"sync_bn needs a CUDA device (PyTorch's SyncBatchNorm runs on GPUs only), got device {self.device!r}"
+            )
         if self.objective == "swav" and self.method not in ("mask", "topk", "fft"):
             raise SelfmaskError(f"objective 'swav' trains masks or weights; method {self.method!r} has nothing to train")
 

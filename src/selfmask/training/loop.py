@@ -30,13 +30,15 @@ from torch import nn
 
 from selfmask.errors import SelfmaskError
 from selfmask.io import atomic_write_bytes
+from selfmask.training.distributed import SINGLE, DistContext, all_gather_states, all_reduce_sum, local_slice
 
 log = logging.getLogger("selfmask.train")
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = 1
 
-#: ``step_fn(indices, epoch, step) -> (loss, sums)``: forward pass for one batch; ``sums``
+#: ``step_fn(indices, epoch, step) -> (loss, sums)``: forward pass for one batch (in a
+#: distributed run: this process's slice of the global batch); ``sums``
 #: are per-epoch accumulators (e.g. ``{"loss": loss * n, "seen": n, "correct": k}``).
 StepFn = Callable[[torch.Tensor, int, int], tuple[torch.Tensor, dict[str, float]]]
 
@@ -73,6 +75,7 @@ class LoopSpec:
     checkpoint_every: int = 0
     desc: str = "train"
     progress: bool = True
+    dist: DistContext = SINGLE  # distributed runs: each process steps on its slice of every global batch
 
     @property
     def steps_per_epoch(self) -> int:
@@ -111,9 +114,17 @@ def run_epochs(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     config_fingerprint: dict[str, Any] | None = None,
 ) -> tuple[list[dict[str, Any]], int]:
-    """Train; returns ``(history, steps)``. ``run`` is a RunFolder (or None for no files)."""
+    """Train; returns ``(history, steps)``. ``run`` is a RunFolder (or None for no files).
+
+    Distributed (``spec.dist``): every process runs this with the same spec; each steps
+    on its slice of the global batch, the loss check and stop requests are decided
+    over all processes (one small all-reduce per step), epoch sums are summed over
+    processes, and only rank 0 writes files. Every process reads a checkpoint to resume.
+    """
     from selfmask.training.trainer import RunGuard  # status bookkeeping
 
+    ctx = spec.dist
+    writer = run if ctx.is_main else None
     steps_per_epoch = spec.steps_per_epoch
     bs = min(spec.batch_size, spec.num_items)
     epoch, batch, step = 0, 0, 0
@@ -123,9 +134,10 @@ def run_epochs(
         if run is None:
             raise SelfmaskError("resume needs a run folder")
         epoch, batch, step, sums, history = load_checkpoint(run.file(CHECKPOINT), spec, config_fingerprint)
-        run.restore_metrics(history)
+        if writer is not None:
+            writer.restore_metrics(history)
         log.info("resumed %s at epoch %d, batch %d (step %d)", run.path, epoch + 1, batch + 1, step)
-    with RunGuard(run, spec.epochs) as guard, _Signals() as signals:
+    with RunGuard(writer, spec.epochs) as guard, _Signals() as signals:
         guard.epoch, guard.step = epoch, step
         while epoch < spec.epochs:
             spec.set_train_mode()
@@ -133,10 +145,17 @@ def run_epochs(
             t0 = time.perf_counter()
             bar = _progress(steps_per_epoch, f"{spec.desc} epoch {epoch + 1}/{spec.epochs}", spec.progress, batch)
             while batch < steps_per_epoch:
-                loss, batch_sums = step_fn(perm[batch * bs : (batch + 1) * bs], epoch, step)
-                if not torch.isfinite(loss):
+                loss, batch_sums = step_fn(local_slice(perm[batch * bs : (batch + 1) * bs], ctx), epoch, step)
+                stop = signals.requested
+                shown_loss = loss
+                if ctx.enabled:  # decide together: a divergence or a stop on one process stops all
+                    shared = all_reduce_sum(torch.stack([loss.detach().float(), loss.new_tensor(float(bool(stop)))]), ctx)
+                    shown_loss = shared[0] / ctx.world_size
+                    if shared[1] > 0 and not stop:
+                        stop = "a stop request on another process"
+                if not torch.isfinite(shown_loss):
                     raise TrainingDiverged(
-                        f"loss became {loss.item()} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
+                        f"loss became {shown_loss.item()} at step {step} (epoch {epoch + 1}, batch {batch + 1}); "
                         "training stopped, the last checkpoint is kept. Lower the learning rate or check the data."
                     )
                 spec.optimizer.zero_grad(set_to_none=True)
@@ -153,9 +172,13 @@ def run_epochs(
                     bar.update(1)
                     if batch % 10 == 1 or batch == steps_per_epoch:
                         el = time.perf_counter() - t0
-                        bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{sums.get('seen', 0) / max(el, 1e-9):.0f}")
+                        bar.set_postfix(
+                            loss=f"{shown_loss.item():.3f}",
+                            img_s=f"{sums.get('seen', 0) * ctx.world_size / max(el, 1e-9):.0f}",
+                        )
                 guard.step = step
-                stop = signals.requested
+                if not ctx.enabled:
+                    stop = signals.requested  # one process: also a signal that arrived during this step
                 if run is not None and batch < steps_per_epoch and (
                     stop or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
                 ):
@@ -167,6 +190,7 @@ def run_epochs(
             if bar is not None:
                 bar.close()
             seconds = time.perf_counter() - t0
+            sums = _sum_over_processes(sums, ctx)
             row = {"epoch": epoch + 1, "step": step, **spec.epoch_row(sums)}
             row["lr"] = spec.optimizer.param_groups[0]["lr"]
             row["seconds"] = seconds
@@ -179,9 +203,27 @@ def run_epochs(
                 save_checkpoint(run.file(CHECKPOINT), spec, epoch, batch, step, sums, history, config_fingerprint)
             if on_epoch is not None:
                 on_epoch(row)
-            if signals.requested:
-                raise StopRequested(f"stopped by {signals.requested} at step {step}")
+            end_stop = _stop_requested_anywhere(signals.requested, ctx)
+            if end_stop:
+                raise StopRequested(f"stopped by {end_stop} at step {step}")
     return history, step
+
+
+def _stop_requested_anywhere(requested: str | None, ctx: DistContext) -> str | None:
+    """This process's stop request, or, distributed, any process's (every process agrees)."""
+    if not ctx.enabled:
+        return requested
+    anywhere = all_reduce_sum(torch.tensor([1.0 if requested else 0.0], device=ctx.device), ctx)
+    return requested or ("a stop request on another process" if float(anywhere) > 0 else None)
+
+
+def _sum_over_processes(sums: dict[str, float], ctx: DistContext) -> dict[str, float]:
+    """Per-epoch sums of every process added up (the same keys on every process)."""
+    if not ctx.enabled or not sums:
+        return sums
+    keys = sorted(sums)
+    total = all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=ctx.device), ctx)
+    return {k: float(v) for k, v in zip(keys, total.tolist())}
 
 
 def save_checkpoint(
@@ -194,6 +236,16 @@ def save_checkpoint(
     history: list[dict[str, Any]],
     config_fingerprint: dict[str, Any] | None,
 ) -> None:
+    """Write a checkpoint (rank 0 writes; in a distributed run every process must call this)."""
+    ctx = spec.dist
+    rng = {"generator": spec.generator.get_state(), "torch": torch.get_rng_state()}
+    rng_ranks = None
+    if ctx.enabled:  # each process draws its own augmentation: keep every process's generators
+        gens = all_gather_states(rng["generator"], ctx)
+        torches = all_gather_states(rng["torch"], ctx)
+        rng_ranks = [{"generator": g, "torch": t} for g, t in zip(gens, torches)]
+    if not ctx.is_main:
+        return
     state = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
@@ -206,8 +258,11 @@ def save_checkpoint(
         "extra_state": {k: v.detach().clone() for k, v in spec.extra_state.items()},
         "optimizer": spec.optimizer.state_dict(),
         "scheduler": spec.scheduler.state_dict(),
-        "rng": {"generator": spec.generator.get_state(), "torch": torch.get_rng_state()},
+        "rng": rng,
+        "world_size": ctx.world_size,
     }
+    if rng_ranks is not None:
+        state["rng_ranks"] = rng_ranks
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -234,8 +289,16 @@ def load_checkpoint(
         t.copy_(state["extra_state"][k])
     spec.optimizer.load_state_dict(state["optimizer"])
     spec.scheduler.load_state_dict(state["scheduler"])
-    spec.generator.set_state(state["rng"]["generator"])
-    torch.set_rng_state(state["rng"]["torch"])
+    ctx = spec.dist
+    written_by = int(state.get("world_size", 1))
+    if written_by != ctx.world_size:
+        raise SelfmaskError(
+            f"cannot resume: {path} was written by a run of {written_by} process(es), this run has {ctx.world_size}; "
+            "resume with the same number of processes"
+        )
+    rng = state["rng_ranks"][ctx.rank] if ctx.enabled else state["rng"]
+    spec.generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch"])
     return state["epoch"], state["batch"], state["step"], dict(state["sums"]), list(state["history"])
 
 

@@ -8,9 +8,10 @@ schedule. Optionally it writes a :class:`~selfmask.training.run_folder.RunFolder
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,19 @@ from selfmask.backbones.registry import BackboneInfo
 from selfmask.data.base import ImageTensorDataset, normalize_batch
 from selfmask.errors import SelfmaskError
 from selfmask.io import atomic_save_safetensors
-from selfmask.masking import MaskConfig, mask_model, mask_scores, mask_summary
+from selfmask.masking import MaskConfig, is_masked, mask_model, mask_scores, mask_summary
+from selfmask.masking.model import enable_fast_masks
 from selfmask.training.augment import random_crop_flip
 from selfmask.training.config import TrainConfig
+from selfmask.training.distributed import (
+    DistContext,
+    check_world,
+    current_context,
+    rank_seed,
+    to_sync_batchnorm,
+    training_device,
+    wrap_ddp,
+)
 from selfmask.training.loop import LoopSpec, TrainingDiverged, run_epochs
 from selfmask.training.run_folder import RunFolder
 from selfmask.training.schedule import make_scheduler
@@ -112,6 +123,47 @@ def prepare_model(
             {"params": list(head.parameters()), "lr": cfg.head_lr, "weight_decay": cfg.head_weight_decay, "name": "head"}
         )
     return backbone, head, mcfg, groups
+
+
+class Classifier(nn.Module):
+    """``head(backbone(x))``: one module for DistributedDataParallel and ``torch.compile``."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def speed_setup(backbone: nn.Module, cfg: TrainConfig, *extra: nn.Module) -> None:
+    """The fast-path options that change modules in place: channels-last storage and flat masks."""
+    if cfg.channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    if cfg.fast_masks:
+        for module in (backbone, *extra):
+            if is_masked(module):
+                enable_fast_masks(module)
+
+
+def wrap_for_training(model: nn.Module, cfg: TrainConfig, ctx: DistContext, find_unused: bool = False) -> nn.Module:
+    """``model`` under DDP (distributed runs) and ``torch.compile`` (``cfg.compile``)."""
+    model = wrap_ddp(model, ctx, find_unused_parameters=find_unused)
+    if cfg.compile:
+        model = torch.compile(model)  # type: ignore[assignment]
+    return model
+
+
+@contextlib.contextmanager
+def autocast_for(cfg: TrainConfig, dev: torch.device) -> Iterator[None]:
+    """bfloat16 autocast around a forward pass when ``cfg.precision == "bf16"``."""
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        yield
+
+
+def prepare_input(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.dim() == 4 else x
 
 
 def make_optimizer(groups: list[dict[str, Any]], momentum: float) -> torch.optim.SGD:
@@ -214,38 +266,50 @@ def adapt(
     Writes ``config.json``, ``status.json``, ``metrics.jsonl``, ``log.txt``,
     ``scores.safetensors`` / ``weights.safetensors`` and ``head.safetensors`` into
     ``run`` when one is given. Raises :class:`TrainingDiverged` on a NaN/Inf loss.
+
+    Under an initialised ``torch.distributed`` process group (``torchrun``) every
+    process calls this alike: ``cfg.batch_size`` is the global batch, each process
+    trains on its slice under DDP, and only rank 0 writes into ``run``
+    (:mod:`selfmask.training.distributed`).
     """
     if cfg.objective != "supervised":
         raise SelfmaskError(f"adapt(): objective {cfg.objective!r} is trained by adapt_swav()")
-    dev = resolve_device(cfg.device)
+    ctx = current_context()
+    dev = resolve_device(training_device(cfg.device, ctx))
     data, subset_idx = select_subset(train_set, cfg)
     if len(data) == 0:
         raise SelfmaskError(f"training set {train_set.name!r} is empty")
     if len(data) < 2 and cfg.method != "linear":
         raise SelfmaskError(f"training set {data.name!r} has {len(data)} image(s); BatchNorm training needs at least 2")
+    bs = min(cfg.batch_size, len(data))
+    check_world(ctx, bs, len(data))
+    if cfg.sync_bn:
+        backbone = to_sync_batchnorm(backbone, ctx, cfg.device)
     backbone, head, mcfg, groups = prepare_model(backbone, info, train_set.num_classes, cfg)
     backbone.to(dev)
     head.to(dev)
+    speed_setup(backbone, cfg, head)
+    model = wrap_for_training(Classifier(backbone, head), cfg, ctx)
     opt = make_optimizer(groups, cfg.momentum)
-    bs = min(cfg.batch_size, len(data))
     steps_per_epoch = max(1, len(data) // bs)  # drop the last partial batch (BatchNorm)
     sched = make_scheduler(opt, steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch))
-    if run is not None and not resume:
+    if run is not None and not resume and ctx.is_main:
         write_run_config(run, info, train_set, len(data), cfg, mcfg, run_meta)
     log.info(
-        "adapt: method=%s backbone=%s images=%d batch=%d epochs=%d lr=%g device=%s",
-        cfg.method, info.name, len(data), bs, cfg.epochs, cfg.resolved_lr, dev,
+        "adapt: method=%s backbone=%s images=%d batch=%d epochs=%d lr=%g device=%s processes=%d",
+        cfg.method, info.name, len(data), bs, cfg.epochs, cfg.resolved_lr, dev, ctx.world_size,
     )
     images, labels = data.images, data.labels
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(rank_seed(cfg.seed, ctx))
 
     def step_fn(idx: torch.Tensor, _epoch: int, _step: int) -> tuple[torch.Tensor, dict[str, float]]:
         x = images[idx].to(dev, non_blocking=True)
         y = labels[idx].to(dev, non_blocking=True)
         if cfg.augment:
             x = random_crop_flip(x, gen, flip=cfg.flip)
-        logits = head(backbone(normalize_batch(x, info.mean, info.std)))
-        loss = nn.functional.cross_entropy(logits, y)
+        with autocast_for(cfg, dev):
+            logits = model(prepare_input(normalize_batch(x, info.mean, info.std), cfg))
+            loss = nn.functional.cross_entropy(logits.float(), y)
         n = len(y)
         return loss, {"loss": float(loss.detach()) * n, "correct": float((logits.argmax(1) == y).sum()), "seen": n}
 
@@ -259,12 +323,12 @@ def adapt(
         num_items=len(data), batch_size=cfg.batch_size, epochs=cfg.epochs, seed=cfg.seed, optimizer=opt,
         scheduler=sched, generator=gen, modules={"backbone": backbone, "head": head},
         set_train_mode=lambda: set_train_mode(backbone, head, cfg), epoch_row=epoch_row,
-        checkpoint_every=cfg.checkpoint_every, desc=cfg.method, progress=progress,
+        checkpoint_every=cfg.checkpoint_every, desc=cfg.method, progress=progress and ctx.is_main, dist=ctx,
     )
     history, step = run_epochs(spec, step_fn, run=run, resume=resume, on_epoch=on_epoch,
                                config_fingerprint=cfg.to_dict())
     result = TrainResult(backbone, head, cfg, mcfg, history, subset_idx)
-    if run is not None:
+    if run is not None and ctx.is_main:
         save_trained(result, run)
         run.set_status("trained", epoch=len(history), step=step, total_epochs=cfg.epochs)
     return result
