@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-SECTIONS = ("step", "memory", "augment", "data", "storage", "bank", "knn")
+SECTIONS = ("step", "fastpath", "memory", "augment", "data", "storage", "bank", "knn")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -46,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     backbone = args.backbone or ("resnet50" if cuda else "resnet_tiny")
     sections: dict[str, Callable[[], dict[str, Any]]] = {
         "step": lambda: bench.step_time_ratio(backbone, args.batch, args.repeats, device=args.device),
+        "fastpath": lambda: bench.fast_path_step_ratios(
+            backbone, args.batch, args.repeats, device=args.device, amp="bf16" if cuda else None, channels_last=cuda),
         "memory": lambda: bench.peak_memory_ratio(backbone, args.batch, device=args.device),
         "augment": lambda: bench.augment_throughput(
             batch=args.batch, image_size=224 if cuda else 32, large_size=224 if cuda else 32,
@@ -78,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
 _KEY_FIGURES = {
     "step": ("masked_step_s", "fft_step_s", "time_ratio"),
+    "fastpath": ("fft_step_s", "masked_plain_step_s", "masked_fast_step_s", "plain_time_ratio", "fast_time_ratio"),
     "memory": ("masked_peak_bytes", "fft_peak_bytes", "memory_ratio"),
     "augment": ("images_per_s", "augment_s", "step_s", "augment_over_step"),
     "data": ("decode_images_per_s", "cache_read_images_per_s", "cache_speedup"),

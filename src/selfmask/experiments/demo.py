@@ -58,10 +58,10 @@ class DemoConfig:
         self.out = Path(self.out)
         if self.quick:
             self.fractions = (1.0, 0.1)
-            self.pretrain_epochs = min(self.pretrain_epochs, 4)
-            self.steps_full = min(self.steps_full, 60)
-            self.min_steps = min(self.min_steps, 30)
-            self.smn_steps = min(self.smn_steps, 40)
+            self.pretrain_epochs = min(self.pretrain_epochs, 3)
+            self.steps_full = min(self.steps_full, 40)
+            self.min_steps = min(self.min_steps, 20)
+            self.smn_steps = min(self.smn_steps, 30)
         for f in self.fractions:
             if not (0.0 < f <= 1.0):
                 raise SelfmaskError(f"label fraction must be in (0, 1], got {f}")
@@ -184,11 +184,6 @@ TABLE_COLUMNS = [
     ("fraction_active", "active"),
     ("stored_bits", "stored bits"),
 ]
-
-
-def _knn_settings(ev: dict[str, Any]) -> dict[str, Any]:
-    knn = ev.get("knn", {})
-    return {"knn_k": knn.get("k"), "knn_temperature": knn.get("temperature")}
 
 
 def results_markdown(results: dict[str, Any], table: Any) -> str:

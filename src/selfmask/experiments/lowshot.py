@@ -186,7 +186,13 @@ def lowshot_row(ctx: LowShotContext, method: str, fraction: float, seed: int) ->
 
 
 def _ev_fields(ev: dict[str, Any]) -> dict[str, Any]:
-    out = {"knn_accuracy": ev["knn_accuracy"], "knn_k": ev["knn"].get("k"), "knn_temperature": ev["knn"].get("temperature")}
+    knn = ev["knn"]
+    out = {
+        "knn_accuracy": ev["knn_accuracy"],
+        "knn_k": knn.get("k_requested", knn.get("k")),  # as asked; clamped to the bank size when larger
+        "knn_k_used": knn.get("k"),
+        "knn_temperature": knn.get("temperature"),
+    }
     if "linear_probe_accuracy" in ev:
         out["linear_probe_accuracy"] = ev["linear_probe_accuracy"]
         out["probe_C"] = ev["linear_probe"].get("C")
