@@ -17,8 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
-	$(BIN)/selfmask --help
-	$(BIN)/python examples/quickstart.py
+	$(BIN)/selfmask demo
 
 test: install
 	$(BIN)/python -m pytest -q
