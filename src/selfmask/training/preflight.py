@@ -36,6 +36,8 @@ from selfmask.errors import SelfmaskError
 FLOAT_BYTES = 4
 #: Room kept free beyond the estimate: logs, metrics, the JSON files, file-system slack.
 MARGIN_BYTES = 64 * 2**20
+#: Serialisation overhead per tensor of a checkpoint (its name, storage record and archive entry).
+TENSOR_OVERHEAD_BYTES = 1024
 #: Classes assumed for the head before the data is loaded (an upper bound for the datasets used here).
 HEAD_CLASSES_BOUND = 1000
 
@@ -67,7 +69,8 @@ def checkpoint_bytes_estimate(backbone: str, method: str, num_classes: int = HEA
 
     A checkpoint holds the model state (base weights and buffers; for mask/topk also one
     float32 score per weight, counted for every parameter as a bound) and the optimiser
-    state (one momentum buffer per trained entry). During the atomic replace the old and
+    state (one momentum buffer per trained entry), plus :data:`TENSOR_OVERHEAD_BYTES` per
+    tensor for the serialisation. During the atomic replace the old and
     the new checkpoint exist together, hence twice; the final outputs (scores or weights,
     buffers, head) and :data:`MARGIN_BYTES` come on top. The backbone is built on the
     ``meta`` device, so nothing is allocated.
@@ -81,11 +84,15 @@ def checkpoint_bytes_estimate(backbone: str, method: str, num_classes: int = HEA
         model = build_backbone(backbone)
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() for b in model.buffers())
+    n_params, n_tensors = len(list(model.parameters())), len(model.state_dict())
     head = info.embed_dim * num_classes + num_classes
     masked = method in ("mask", "topk")
     model_entries = params * (2 if masked else 1) + buffers + head
     trained = {"mask": params, "topk": params, "fft": params}.get(method, 0) + head
-    model_bytes, optimizer_bytes = FLOAT_BYTES * model_entries, FLOAT_BYTES * trained
+    model_tensors = n_tensors + (n_params if masked else 0) + 2
+    trained_tensors = (n_params if method in ("mask", "topk", "fft") else 0) + 2
+    model_bytes = FLOAT_BYTES * model_entries + TENSOR_OVERHEAD_BYTES * model_tensors
+    optimizer_bytes = FLOAT_BYTES * trained + TENSOR_OVERHEAD_BYTES * trained_tensors
     output_bytes = FLOAT_BYTES * (params + buffers + head)
     needed = 2 * (model_bytes + optimizer_bytes) + output_bytes + MARGIN_BYTES
     return DiskEstimate(model_bytes, optimizer_bytes, output_bytes, needed)
@@ -247,6 +254,8 @@ def _check_cifar(spec: str, root: Path) -> list[str]:
 def _check_folders(spec: str, root: Path) -> list[str]:
     from selfmask.data.folders import list_image_folder
 
+    if not root.is_dir():
+        return [f"data {spec!r}: {str(root)!r} does not exist or is not a folder"]
     problems: list[str] = []
     for split in ("train", "test"):
         sub = root / split
@@ -281,8 +290,10 @@ def check_config(train_settings: dict[str, Any], backbone: str) -> tuple[Any, li
     if cfg is not None:
         try:
             resolve_device(cfg.device)
-        except (SelfmaskError, RuntimeError) as exc:
+        except SelfmaskError as exc:
             problems.append(f"config: {exc}")
+        except RuntimeError:  # torch's own message for a malformed device string lists every device type
+            problems.append(f"config: unsupported device {cfg.device!r}; expected cpu or cuda[:N]")
     try:
         backbone_info(backbone)
     except SelfmaskError as exc:
