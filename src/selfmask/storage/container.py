@@ -155,7 +155,7 @@ def _tensor_table(header: dict[str, Any], body_len: int, where: str) -> dict[str
         if not isinstance(entry, dict):
             raise SelfmaskError(f"{where}: tensor {name!r}: corrupt header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or dict here is not hashable
             raise SelfmaskError(f"{where}: tensor {name!r}: unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         shape_t = check_shape(shape, f"{where}: tensor {name!r}")
         if not (
