@@ -7,6 +7,7 @@ The resumed runs must end with a ``scores.safetensors`` byte-identical to an uni
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+import selfmask.training.loop as loop
 from selfmask.cli.main import main
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -137,3 +139,37 @@ def test_resume_refusals_are_one_clear_line(setup, tmp_path, capsys) -> None:
     (tmp_path / "run" / "status.json").write_text(json.dumps({"status": "running"}))
     assert main(["adapt", "--resume", str(tmp_path / "run"), "--no-progress", "--cache-dir", str(base / "cache")]) == 2
     assert "checkpoint.pt does not exist (the run wrote no checkpoint yet)" in capsys.readouterr().err
+
+
+def test_disk_full_during_training_keeps_the_checkpoint_and_resumes(setup, monkeypatch, capsys) -> None:
+    """ENOSPC while writing a checkpoint: one clear line (exit 2), the previous checkpoint intact, resume works."""
+    base, cmd, ref_scores = setup
+    run = base / "disk-full"
+    argv = [*cmd[3:], "--out", str(run)]  # the same command, in-process
+    real_write = loop.atomic_write_bytes
+    calls = {"n": 0}
+
+    def write_until_full(path, data):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(path, data)
+
+    monkeypatch.setattr(loop, "atomic_write_bytes", write_until_full)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the subprocesses (OMP_NUM_THREADS=1): float sums depend on the split
+    try:
+        _disk_full_then_resume(run, argv, base, ref_scores, capsys, monkeypatch, real_write)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _disk_full_then_resume(run, argv, base, ref_scores, capsys, monkeypatch, real_write) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"writing {run / 'checkpoint.pt'} failed during training: No space left on device" in err
+    assert f"continue with: selfmask adapt --resume {run}" in err
+    assert _checkpoint_position(run)[2] == 3  # the third step's checkpoint, whole
+    monkeypatch.setattr(loop, "atomic_write_bytes", real_write)
+    assert main(["adapt", "--resume", str(run), "--cache-dir", str(base / "cache"), "--no-eval", "--no-progress"]) == 0
+    assert (run / "scores.safetensors").read_bytes() == ref_scores

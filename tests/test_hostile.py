@@ -90,6 +90,8 @@ def test_backbone_weights_with_a_payload_are_refused(tmp_path, how) -> None:
         msg = str(err.value)
         assert msg.startswith(f"weights file {str(path)!r} holds Python objects other than tensors"), (label, msg)
         assert "not unpickled for safety" in msg and "save its state dict (tensors only) instead" in msg
+        assert {"system": "posix.system", "exec": "exec", "eval": "eval"}[how] in msg  # names the culprit
+        assert "safe_globals" not in msg and "weights_only" not in msg  # no advice to allowlist or unpickle it
         assert not marker.exists(), label
 
 

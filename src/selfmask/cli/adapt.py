@@ -233,6 +233,12 @@ def run(args: argparse.Namespace) -> int:
                            resume=resume)
     except StopRequested as stop:
         return stopped_exit_code(stop, run_folder.path)
+    except OSError as exc:  # e.g. the disk filled up: checkpoints are atomic, so the last one is intact
+        where = exc.filename or run_folder.path
+        raise SelfmaskError(
+            f"writing {where} failed during training: {exc.strerror or exc}; the last complete checkpoint is kept. "
+            f"Fix the cause (e.g. free disk space), then continue with: selfmask adapt --resume {run_folder.path}"
+        ) from None
     results: dict[str, Any] = {"method": cfg.method, "label_fraction": cfg.label_fraction, "per_class": cfg.per_class,
                                "seed": cfg.seed, "backbone": info.name, "data": other["data"],
                                "final_train_loss": result.history[-1]["loss"], **count_trainable_bits(result)}
