@@ -64,7 +64,8 @@ def _masks(seed: int) -> dict[str, torch.Tensor]:
 
 def _base_files() -> list[bytes]:
     plain, infos = encode_mask_file(_masks(0), backbone="resnet_tiny", fingerprint=FP, config=MaskConfig(),
-                                    extra={"head.weight": torch.randn(2, 3), "head.bias": torch.zeros(2)},
+                                    extra={"head.weight": torch.randn(2, 3, generator=torch.Generator().manual_seed(0)),
+                                           "head.bias": torch.zeros(2)},
                                     source={"run": "x"})
     assert {i.codec for i in infos} == {"packbits", "ans", "ans-channel", "const"}
     sel = MaskConfig(trainable_fraction=0.5, seed=3)
@@ -277,6 +278,8 @@ MUTATORS = {
     resealed_index: 550,
 }
 FILES_PER_EXAMPLE = 4
+#: ``SELFMASK_FUZZ_SCALE=100`` runs 100 times as many files (a longer run outside CI).
+FUZZ_SCALE = max(1, int(os.environ.get("SELFMASK_FUZZ_SCALE", "1")))
 
 
 def _fuzz(mutator, seed: int) -> None:
@@ -291,12 +294,13 @@ def _fuzz(mutator, seed: int) -> None:
 
 
 def _make_fuzz_test(mutator, examples: int):  # noqa: ANN202
-    @settings(FUZZ, max_examples=examples)
+    @settings(FUZZ, max_examples=examples * FUZZ_SCALE)
     @given(st.integers(0, 2**40))
     def test(seed: int) -> None:
         _fuzz(mutator, seed)
 
     test.__doc__ = mutator.__doc__
+    test.__name__ = test.__qualname__ = f"test_fuzz_{mutator.__name__}"  # hypothesis derives its seed from it
     return test
 
 
@@ -397,6 +401,15 @@ def test_regression_header_dtype_of_another_type() -> None:
     header, body = split(BASES[0])
     header["masks"]["dtype"] = []
     with pytest.raises(SelfmaskError, match=r"tensor 'masks': unknown dtype \[\]"):
+        decode_mask_file(seal(header, body), "x.mask")
+
+
+def test_regression_empty_tensor_with_huge_other_sizes() -> None:
+    """Found by the fuzzer: shape [.., 0, 2**22, 2**16, 2**16] has no bytes but numpy cannot reshape to it
+    (ValueError: array is too big)."""
+    header, body = split(BASES[0])
+    header["extra.new"] = {"dtype": "U8", "shape": [8, 9, 35, 0, 2**22, 2**16, 2**16], "data_offsets": [0, 0]}
+    with pytest.raises(SelfmaskError, match=r"tensor 'extra.new': invalid shape .*their product below 2\*\*62"):
         decode_mask_file(seal(header, body), "x.mask")
 
 
