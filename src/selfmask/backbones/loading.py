@@ -158,7 +158,7 @@ def read_checkpoint(path: str | Path) -> object:
             warnings.simplefilter("ignore")
             return torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        detail = next((ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln), str(e).splitlines()[0])
+        detail = unpickling_detail(e)
         raise SelfmaskError(
             f"weights file {str(path)!r} holds Python objects other than tensors and plain containers, which are "
             f"not unpickled for safety ({detail}); save its state dict (tensors only) instead"
@@ -168,6 +168,14 @@ def read_checkpoint(path: str | Path) -> object:
         raise SelfmaskError(
             f"weights file {str(path)!r} could not be read (truncated or corrupted?): {type(e).__name__}: {first}"
         ) from None
+
+
+def unpickling_detail(exc: BaseException) -> str:
+    """The line of torch's weights-only refusal that names the offending global (not its generic preamble)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    named = [ln for ln in lines if ("global" in ln.lower() or ln.startswith("Trying to")) and "weights_only" not in ln]
+    detail = named[0] if named else (lines[0] if lines else type(exc).__name__)
+    return detail.split(". Please use")[0].removeprefix("WeightsUnpickler error: ").rstrip(".")  # not: allowlist it
 
 
 def unwrap_checkpoint(obj: object, source: str = "checkpoint") -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -39,6 +39,8 @@ _TRAIN_FLAGS: dict[str, tuple[type, str]] = {
     "label_fraction": (float, "train on this seeded fraction of the labels, in (0, 1]"),
     "per_class": (int, "train on this many labelled images per class"),
     "precision": (str, "fp32 | bf16 (bfloat16 autocast of the forward passes; default fp32)"),
+    "init_from": (str, "start the masks from this run folder's scores and BN statistics (an SMN: semi-supervised)"),
+    "checkpoint_every": (int, "write a resumable checkpoint every N steps (default 0: at the end of each epoch only)"),
 }
 
 # boolean switches: flag -> (TrainConfig field, value when given, help)
@@ -59,7 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_data_args(p)
     add_backbone_args(p)
-    p.add_argument("--out", type=Path, required=True, help="run folder to write")
+    p.add_argument("--out", type=Path, default=None, help="run folder to write (required unless --resume)")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from RUN_DIR/checkpoint.pt with the settings in RUN_DIR/config.json")
     p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     p.add_argument("--config", type=Path, default=None, help="JSON file of settings")
     for name, (typ, help_) in _TRAIN_FLAGS.items():
@@ -131,39 +135,115 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     return train, other
 
 
+#: Flags that change what is trained; ``--resume`` takes all of them from RUN_DIR/config.json.
+_RESUME_FIXED = (*_TRAIN_FLAGS, "config", "backbone", "weights", "prototypes", "queue_length", "queue_start_epoch",
+                 "freeze_prototypes_iters", "small_crops")
+
+
+def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, Any] | None]:
+    """``(training settings, other settings, (SwAVConfig, MultiCrop) or None)`` of the run in ``--resume``.
+
+    Everything that shapes training comes from ``RUN_DIR/config.json`` as ``selfmask adapt``
+    wrote it (``train``, ``backbone``, ``weights``, ``data_spec`` and, for SwAV, ``swav`` and
+    ``crops``); giving such a flag as well is refused rather than silently ignored.
+    """
+    from selfmask.data.multicrop import MultiCrop, MultiCropConfig
+    from selfmask.objectives import SwAVConfig
+    from selfmask.training.config import TrainConfig
+    from selfmask.training.run_folder import read_run_config
+
+    run_dir = args.resume
+    if args.out is not None and Path(args.out).resolve() != Path(run_dir).resolve():
+        raise SelfmaskError(f"--resume {str(run_dir)!r} continues the run in place; drop --out {str(args.out)!r}")
+    given = [n for n in _RESUME_FIXED if getattr(args, n, None) not in (None, False)]
+    given += ["data"] if args.data != "embedded" else []
+    given += [f for f, on in (("no_augment", args.no_augment), ("no_flip", args.no_flip)) if on]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise SelfmaskError(f"--resume takes the run's settings from {run_dir}/config.json; drop {flags}")
+    saved = read_run_config(run_dir)
+    where = Path(run_dir) / "config.json"
+    for key in ("train", "data_spec"):
+        if key not in saved:
+            raise SelfmaskError(f"{where}: key {key!r} is missing (was this run written by `selfmask adapt`?)")
+    if not isinstance(saved["train"], dict):
+        raise SelfmaskError(f"{where}: 'train' must be an object")
+    try:
+        cfg = TrainConfig.from_dict(saved["train"])  # unknown keys and bad values: one clear error
+    except (SelfmaskError, TypeError) as exc:
+        raise SelfmaskError(f"{where}: invalid 'train' settings ({exc})") from None
+    train = {k: v for k, v in cfg.to_dict().items() if k not in ("resolved_lr", "resolved_weight_decay")}
+    other = {"data": saved["data_spec"], "backbone": saved["backbone"], "weights": saved.get("weights")}
+    swav_crops = None
+    if train.get("objective") == "swav":
+        for key in ("swav", "crops"):
+            if not isinstance(saved.get(key), dict):
+                raise SelfmaskError(f"{where}: key {key!r} is missing or not an object (a SwAV run records it)")
+        crops_cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in saved["crops"].items()}
+        try:
+            crops = MultiCrop(MultiCropConfig(**crops_cfg), seed=int(saved["seed"]))
+        except TypeError as exc:
+            raise SelfmaskError(f"{where}: invalid 'crops' settings ({exc})") from None
+        swav_crops = (SwAVConfig.from_dict(saved["swav"]), crops)
+    return train, other, swav_crops
+
+
+def stopped_exit_code(stop: BaseException, run_dir: Path) -> int:
+    """Report a clean SIGINT/SIGTERM stop and return the shell's code for it (128 + signal number)."""
+    import signal
+    import sys
+
+    name = next((s.name for s in (signal.SIGTERM, signal.SIGINT) if s.name in str(stop)), "SIGINT")
+    print(f"selfmask adapt: {stop}; the checkpoint is saved, continue with: selfmask adapt --resume {run_dir}",
+          file=sys.stderr)
+    return 128 + int(signal.Signals[name])
+
+
 def run(args: argparse.Namespace) -> int:
     from selfmask.training.config import TrainConfig
     from selfmask.training.distributed import init_distributed, shutdown
+    from selfmask.training.preflight import run_preflight
     from selfmask.training.trainer import resolve_device
 
     setup_logging()
     check_eval_args(args)
-    train_settings, other = resolve_settings(args)
-    cfg = TrainConfig(**train_settings)  # validates before anything else happens
+    if args.resume is not None:
+        train_settings, other, swav_crops = resume_settings(args)
+        out, resume = args.resume, True
+    else:
+        if args.out is None:
+            raise SelfmaskError("--out RUN_DIR is required (or --resume RUN_DIR to continue a run)")
+        train_settings, other = resolve_settings(args)
+        out, resume, swav_crops = args.out, False, None
+    # every problem (config, device, backbone, weights, data, run folder, disk) at once, before any work
+    run_preflight(out=out, backbone=other["backbone"], weights=other["weights"], data=other["data"],
+                  train_settings=train_settings, overwrite=args.overwrite and not resume, resume=resume)
+    cfg = TrainConfig(**train_settings)
     resolve_device(cfg.device)
     ctx = init_distributed(cfg.device)  # torchrun: join the process group (CUDA checked first)
     try:
-        return _run(args, cfg, other, ctx)
+        return _run(args, cfg, other, ctx, out, resume, swav_crops)
     finally:
         shutdown(ctx)
 
 
-def _run(args: argparse.Namespace, cfg: Any, other: dict[str, Any], ctx: Any) -> int:
+def _run(
+    args: argparse.Namespace, cfg: Any, other: dict[str, Any], ctx: Any, out: Path, resume: bool, swav_crops: Any
+) -> int:
     import torch
 
     from selfmask.backbones import backbone_info, create_backbone
     from selfmask.data.sources import load_data
     from selfmask.experiments.evaluate import evaluate_features
     from selfmask.training.distributed import barrier, broadcast_flag
+    from selfmask.training.loop import StopRequested
     from selfmask.training.run_folder import RunFolder
     from selfmask.training.trainer import adapt, classify, count_trainable_bits
 
     if not ctx.is_main:  # one log: rank 0's
         logging.getLogger("selfmask").setLevel(logging.WARNING)
     info = backbone_info(other["backbone"])
-    if other["weights"] is not None and not Path(other["weights"]).is_file():
-        raise SelfmaskError(f"weights file {other['weights']!r} does not exist")
-    run_folder = RunFolder(args.out, overwrite=args.overwrite)
+    run_folder = RunFolder(out, overwrite=args.overwrite and not resume)
     if ctx.is_main:  # rank 0 prepares the folder; the others learn whether it could
         try:
             run_folder.prepare()  # writable, not a finished run
@@ -171,7 +251,7 @@ def _run(args: argparse.Namespace, cfg: Any, other: dict[str, Any], ctx: Any) ->
             broadcast_flag(False, ctx)
             raise
     if not broadcast_flag(True, ctx):
-        raise SelfmaskError(f"rank 0 could not prepare the run folder {str(args.out)!r}; see its message")
+        raise SelfmaskError(f"rank 0 could not prepare the run folder {str(out)!r}; see its message")
     if not ctx.is_main:
         barrier(ctx)  # rank 0 reads (and caches) the data first
     train, test = load_data(other["data"], resolution=info.input_size, cache_dir=args.cache_dir, seed=cfg.seed)
@@ -182,19 +262,29 @@ def _run(args: argparse.Namespace, cfg: Any, other: dict[str, Any], ctx: Any) ->
     torch.manual_seed(cfg.seed)
     backbone = create_backbone(info.name, other["weights"])
     meta = {"weights": other["weights"], "data_spec": other["data"]}
-    if cfg.objective == "swav":
-        from selfmask.training.ssl import OnlineEval, adapt_swav
+    try:
+        if cfg.objective == "swav":
+            from selfmask.training.ssl import OnlineEval, adapt_swav
 
-        swav, crops = swav_settings(args, info, cfg.seed)
-        online = None
-        if args.online_knn_every > 0:
-            held = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
-            cut = max(1, len(train) // 10)
-            online = OnlineEval(train.subset(held[cut:]), train.subset(held[:cut]), every=args.online_knn_every)
-        result = adapt_swav(backbone, info, train, cfg, swav, crops=crops, run=run_folder, run_meta=meta,
-                            progress=not args.no_progress, online_eval=online)
-    else:
-        result = adapt(backbone, info, train, cfg, run=run_folder, progress=not args.no_progress, run_meta=meta)
+            swav, crops = swav_crops or swav_settings(args, info, cfg.seed)
+            online = None
+            if args.online_knn_every > 0:
+                held = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
+                cut = max(1, len(train) // 10)
+                online = OnlineEval(train.subset(held[cut:]), train.subset(held[:cut]), every=args.online_knn_every)
+            result = adapt_swav(backbone, info, train, cfg, swav, crops=crops, run=run_folder, run_meta=meta,
+                                progress=not args.no_progress, online_eval=online, resume=resume)
+        else:
+            result = adapt(backbone, info, train, cfg, run=run_folder, progress=not args.no_progress, run_meta=meta,
+                           resume=resume)
+    except StopRequested as stop:
+        return stopped_exit_code(stop, run_folder.path)
+    except OSError as exc:  # e.g. the disk filled up: checkpoints are atomic, so the last one is intact
+        where = exc.filename or run_folder.path
+        raise SelfmaskError(
+            f"writing {where} failed during training: {exc.strerror or exc}; the last complete checkpoint is kept. "
+            f"Fix the cause (e.g. free disk space), then continue with: selfmask adapt --resume {run_folder.path}"
+        ) from None
     if not ctx.is_main:
         return 0  # rank 0 evaluates and writes results.json
     results: dict[str, Any] = {"method": cfg.method, "label_fraction": cfg.label_fraction, "per_class": cfg.per_class,

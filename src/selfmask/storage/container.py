@@ -154,7 +154,7 @@ def _tensor_table(header: dict[str, Any], body_len: int, where: str) -> dict[str
         if not isinstance(entry, dict):
             raise SelfmaskError(f"{where}: tensor {name!r}: corrupt header entry")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:  # a list or dict here is not hashable
             raise SelfmaskError(f"{where}: tensor {name!r}: unknown dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         shape_t = check_shape(shape, f"{where}: tensor {name!r}")
         if not (
@@ -185,13 +185,22 @@ def _tensor_table(header: dict[str, Any], body_len: int, where: str) -> dict[str
 
 
 def check_shape(shape: object, where: str) -> tuple[int, ...]:
-    """A shape from a header: a list of at most :data:`MAX_NDIM` non-negative ints below 2**40."""
+    """A shape from a header: a list of at most :data:`MAX_NDIM` non-negative ints below 2**40.
+
+    An empty shape (a size 0) must also have its other sizes multiply below 2**62: numpy
+    refuses to even reshape an empty array to ``[0, 2**39, 2**39]`` (non-empty shapes are
+    bounded by the data size or the reader's ``max_entries``).
+    """
     if not (
         isinstance(shape, list)
         and len(shape) <= MAX_NDIM
         and all(type(d) is int and 0 <= d < 2**40 for d in shape)
+        and (0 not in shape or math.prod(max(d, 1) for d in shape) < 2**62)
     ):
-        raise SelfmaskError(f"{where}: invalid shape {shape!r} (a list of at most {MAX_NDIM} non-negative ints)")
+        raise SelfmaskError(
+            f"{where}: invalid shape {shape!r} (a list of at most {MAX_NDIM} non-negative ints below 2**40; "
+            "with a 0, the other sizes multiplying below 2**62)"
+        )
     return tuple(shape)
 
 

@@ -40,8 +40,11 @@ from selfmask.storage.container import atomic_write_bytes, check_shape, parse_js
 
 FORMAT_NAME = "selfmask.mask"
 FORMAT_VERSION = 1
-#: Default cap on the total number of mask entries a reader decodes (one byte each in memory).
-MAX_ENTRIES = 2**34
+#: Default cap on the total number of mask entries a reader decodes (about one byte each in memory).
+#: A hostile file of a few hundred bytes can claim this many entries (a constant mask needs no
+#: payload), so it bounds what reading an untrusted file may allocate: 2 GiB, 24 times the largest
+#: backbone here (ViT-B/32, 88 M weights). Pass ``max_entries`` to read a larger file.
+MAX_ENTRIES = 2**31
 
 #: Container tensors: the zlib-compressed JSON index of the masked tensors, their payloads
 #: back to back (in index order), and one tensor per extra (``extra.<name>``).
@@ -279,9 +282,11 @@ def decode_mask_file(data: bytes, where: str = "<mask bytes>", *, max_entries: i
     config_dict = meta.get("mask_config")
     if not isinstance(config_dict, dict):
         raise SelfmaskError(f"{where}: metadata 'mask_config' must be an object, got {config_dict!r}")
+    if type(config_dict.get("seed", 0)) is not int:  # it seeds the selective-masking layout
+        raise SelfmaskError(f"{where}: mask_config 'seed' must be an integer, got {config_dict.get('seed')!r}")
     try:
         config = MaskConfig.from_dict(config_dict)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, re.error) as exc:
         raise SelfmaskError(f"{where}: invalid mask_config: {exc}") from None
     source = meta.get("source", {})
     if not isinstance(source, dict):
@@ -309,7 +314,7 @@ def decode_mask_file(data: bytes, where: str = "<mask bytes>", *, max_entries: i
             rows=_rows(info.shape, stored is None),
             where=f"{where}: tensor {info.name!r}",
         )
-        flat = torch.from_numpy(bits.copy())
+        flat = torch.from_numpy(bits if bits.flags.writeable else bits.copy())  # no second copy of a big mask
         if stored is not None:
             full = torch.ones(info.numel, dtype=torch.bool)
             full[stored.reshape(-1)] = flat
