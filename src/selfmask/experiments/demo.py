@@ -40,14 +40,14 @@ class DemoConfig:
     overwrite: bool = False
     fractions: tuple[float, ...] = (1.0, 0.1, 0.04, 0.01)
     methods: tuple[str, ...] = ("knn", "lp", "smn-knn", "smn-lp", "fft", "mask", "topk", "semi")
-    pretrain_epochs: int = 15
+    pretrain_epochs: int = 6
     #: optimisation steps per adaptation run at 100 % labels; low-label runs get
     #: proportionally fewer, but at least ``min_steps``.
-    steps_full: int = 600
-    min_steps: int = 120
+    steps_full: int = 400
+    min_steps: int = 100
     warmup_fraction: float = 40 / 150  # the paper's 40 warm-up epochs of 150 (supervised)
     topk_keep_ratio: float = 0.9
-    smn_steps: int = 600  # SwAV optimisation steps of the self-masking network
+    smn_steps: int = 400  # SwAV optimisation steps of the self-masking network
     smn_prototypes: int = 100
     knn_k: int = 200
     knn_temperature: float = 0.1
