@@ -21,15 +21,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from selfmask import io
 from selfmask.errors import SelfmaskError
 
 #: Largest JSON header accepted (a ViT mask file has a few KiB).
@@ -214,7 +213,7 @@ def _verify_checksum(meta: dict[str, Any], data: bytes, raw: bytes, n_header: in
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``.
+    """:func:`selfmask.io.atomic_write_bytes` for an output the user named: checks first.
 
     Refuses an existing ``path`` unless ``overwrite``; an existing file is never left
     half-written.
@@ -227,17 +226,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise SelfmaskError(f"output folder {str(folder)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    io.atomic_write_bytes(path, data)
 
 
 __all__ = [
