@@ -266,7 +266,8 @@ class Cascade:
     ) -> Cascade:
         """Rebuild a saved cascade on ``backbone``: a plain module, or a registered name (with ``weights``).
 
-        ``backbone=None`` uses the manifest's backbone name and recorded weights path. Every
+        ``backbone=None`` uses the manifest's backbone name and recorded weights path (no weights:
+        the random initialisation after ``torch.manual_seed(base_seed)``, as run folders do). Every
         file is checked against the manifest's sha256 and the masks against the backbone's
         base fingerprint; any mismatch raises :class:`SelfmaskError` naming the file.
         """
@@ -276,9 +277,12 @@ class Cascade:
             name = backbone or manifest["backbone"]
             if name != manifest["backbone"]:
                 raise SelfmaskError(f"{path / MANIFEST}: the cascade was built on {manifest['backbone']!r}, not {name!r}")
+            meta = manifest.get("meta") or {}
             if weights is None:
-                weights = manifest.get("meta", {}).get("weights")
-            model = create_backbone(name, weights)
+                weights = meta.get("weights")
+            with torch.random.fork_rng(devices=[]):  # weights null: the random base of the dispatcher's seed
+                torch.manual_seed(int(meta.get("base_seed", 0)))
+                model = create_backbone(name, weights)
         else:
             model = backbone
         info = backbone_info(manifest["backbone"])
