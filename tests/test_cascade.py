@@ -136,6 +136,8 @@ def test_experts_start_from_the_dispatcher_and_differ_after_training(built) -> N
     assert set(root.masks) == set(ex.masks)
     changed = sum(int((root.masks[k] != ex.masks[k]).sum()) for k in root.masks)
     assert changed > 0  # lr 50 flips scores within a few steps
+    run_cfg = json.loads((folder / "runs" / "expert-0" / "config.json").read_text())
+    assert run_cfg["train"]["init_from"] == str(built["dispatcher"]) and run_cfg["train"]["objective"] == "swav"
 
 
 def test_root_through_the_bank_equals_the_dispatcher_run_model(built) -> None:
@@ -221,3 +223,10 @@ def test_build_refuses_more_experts_than_images(built, tmp_path) -> None:
     few = built["train"].subset(torch.arange(4))
     with pytest.raises(SelfmaskError, match="5 experts asked for"):
         build_cascade(built["dispatcher"], few, tmp_path / "x", CascadeConfig(num_experts=5))
+
+
+def test_cli_reports_a_folder_that_is_not_a_run(tmp_path, capsys) -> None:
+    from selfmask.cli.main import main
+
+    assert main(["cascade", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
+    assert "is not a run folder" in capsys.readouterr().err

@@ -230,24 +230,41 @@ def evaluate_cascade(
 
 
 def time_inference(cascade: Cascade, images: torch.Tensor, repeats: int = 5) -> dict[str, Any]:
-    """Forward passes and seconds per image: single SMN vs conditional vs unconditional, interleaved; medians."""
+    """Forward passes and time per image of a single SMN vs the cascade's two modes; interleaved, medians.
+
+    The single SMN is the root's masks merged into a separate plain model (what one would deploy:
+    no switching); the cascade timings include switching masks in the bank. ``switch_ms`` is the
+    median time of one :meth:`MaskBank.activate`.
+    """
+    import copy
+
+    from selfmask.data.base import normalize_batch
+
     if repeats < 1:
         raise SelfmaskError(f"time_inference: repeats must be >= 1, got {repeats}")
-    times: dict[str, list[float]] = {"single_smn": [], "conditional": [], "unconditional": []}
-    passes: dict[str, int] = {}
+    single = copy.deepcopy(cascade.bank.activate(ROOT)).eval()
+    cascade.bank.deactivate()
+    info = cascade.info
+    times: dict[str, list[float]] = {"single_smn": [], "conditional": [], "unconditional": [], "switch": []}
+    passes: dict[str, int] = {"single_smn": 1}
     for _ in range(repeats):
-        for name in times:
+        for name in ("single_smn", "conditional", "unconditional", "switch"):
             start = time.perf_counter()
             if name == "single_smn":
-                cascade.embed_single(images, ROOT)
+                with torch.no_grad():
+                    single(normalize_batch(images, info.mean, info.std))
+            elif name == "switch":
+                cascade.bank.activate(expert_name(0))
             else:
                 cascade.embed(images, name)
+                passes[name] = cascade.last_stats.forward_passes if cascade.last_stats else 0
             times[name].append(time.perf_counter() - start)
-            passes[name] = cascade.last_stats.forward_passes if cascade.last_stats else 0
+    cascade.bank.deactivate()
     n = len(images)
-    out: dict[str, Any] = {"images": n, "repeats": repeats, "threads": torch.get_num_threads()}
     base = statistics.median(times["single_smn"])
-    for name, ts in times.items():
-        med = statistics.median(ts)
+    out: dict[str, Any] = {"images": n, "repeats": repeats, "threads": torch.get_num_threads(),
+                           "switch_ms": 1000 * statistics.median(times["switch"])}
+    for name in ("single_smn", "conditional", "unconditional"):
+        med = statistics.median(times[name])
         out[name] = {"forward_passes": passes[name], "ms_per_image": 1000 * med / n, "ratio_to_single": med / base}
     return out
