@@ -408,6 +408,8 @@ def test_mask_bank_refuses_wrong_backbone(tmp_path) -> None:
     bank = MaskBank(plain_tiny(seed=4))
     with pytest.raises(SelfmaskError, match="fingerprint"):
         bank.add("a", tmp_path / "a.mask")
+    with pytest.raises(SelfmaskError, match="fingerprint"):  # a loaded MaskFile is checked too
+        bank.add("a", load_mask(tmp_path / "a.mask"))
     with pytest.raises(SelfmaskError, match="unknown task"):
         bank.activate("a")
     with pytest.raises(SelfmaskError, match="plain backbone"):

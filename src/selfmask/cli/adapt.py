@@ -254,7 +254,7 @@ def _run(
         raise SelfmaskError(f"rank 0 could not prepare the run folder {str(out)!r}; see its message")
     if not ctx.is_main:
         barrier(ctx)  # rank 0 reads (and caches) the data first
-    train, test = load_data(other["data"], resolution=info.input_size, cache_dir=args.cache_dir, seed=cfg.seed)
+    train, test = load_data(other["data"], resolution=info.input_size, cache_dir=args.cache_dir)
     if ctx.is_main:
         barrier(ctx)
     if len(train) == 0 or len(test) == 0:

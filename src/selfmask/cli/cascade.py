@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from selfmask.backbones import backbone_info
 
     info = backbone_info(dcfg["backbone"])
-    train, test = load_data(spec, resolution=info.input_size, cache_dir=args.cache_dir, seed=int(dcfg["seed"]))
+    train, test = load_data(spec, resolution=info.input_size, cache_dir=args.cache_dir)
     cascade, report = build_cascade(args.dispatcher, train, args.out, cfg, overwrite=args.overwrite,
                                     progress=not args.no_progress)
     results = {"build": report, "storage_bits": cascade.storage_bits(), "data": spec, "data_seed": int(dcfg["seed"])}

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         backbone = create_backbone(name, args.weights)
     info = backbone_info(name)
-    train, test = load_data(args.data, resolution=info.input_size, cache_dir=args.cache_dir, seed=args.seed)
+    train, test = load_data(args.data, resolution=info.input_size, cache_dir=args.cache_dir)
     bank = None
     subset = None
     if args.label_fraction is not None or args.per_class is not None:

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         raise SelfmaskError(f"folder {str(args.out.parent)!r} does not exist")
     if args.objective not in ("supervised", "swav"):
         raise SelfmaskError(f"--objective must be supervised or swav, got {args.objective!r}")
-    train, _test = load_data(args.data, resolution=backbone_info(args.backbone).input_size, cache_dir=args.cache_dir, seed=args.seed)
+    train, _test = load_data(args.data, resolution=backbone_info(args.backbone).input_size, cache_dir=args.cache_dir)
     if args.objective == "swav":
         model, history = pretrain_swav(train, args)
     else:

@@ -91,7 +91,7 @@ class MaskBank:
         if not isinstance(mask, MaskFile):
             mask = load_mask(mask)
         # the fingerprint taken at construction: the model may hold a task's weights now
-            check_fingerprint(self.fingerprint, mask, force=self.force, what=f"MaskBank.add({name!r})")
+        check_fingerprint(self.fingerprint, mask, force=self.force, what=f"MaskBank.add({name!r})")
         targets = {n: p.shape for n, p in self._params.items() if mask.config.matches(n)}
         check_names_and_shapes(targets, mask, f"MaskBank.add({name!r})")
         buffers = check_buffers(self.model, mask, f"MaskBank.add({name!r})")
