@@ -84,7 +84,7 @@ def test_adapt_eval_pack_lowshot_on_the_cached_checkpoint(quick_demo, tmp_path) 
         (["adapt", "--data", "embedded-tiny", "--device", "cuda", "--out", "{tmp}/r"], "CUDA"),
         (["adapt", "--data", "embedded-tiny", "--out", "{tmp}/file/r"], "not writable|not a folder"),
         (["eval", "--data", "embedded-tiny", "--knn-k", "0"], "--knn-k must be >= 1"),
-        (["eval", "--data", "embedded-tiny", "--per-class", "1000"], "per class|exist"),
+        (["eval", "--data", "embedded-tiny", "--per-class", "1000"], "per_class=1000"),
         (["lowshot", "--methods", "smn-lp", "--out", "{tmp}/s"], "need --smn"),
     ],
 )
