@@ -30,6 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-steps", type=int, default=120, help="at least this many steps at low fractions")
     p.add_argument("--knn-k", type=int, default=200)
     p.add_argument("--knn-temperature", type=float, default=0.1)
+    p.add_argument("--no-flip", action="store_true", help="no horizontal flips (glyphs: a mirrored b is a d)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--overwrite", action="store_true")
@@ -72,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     ctx = LowShotContext(
         info=info, weights=weights, train=train, test=test, out_dir=args.out, device=args.device, smn_dir=args.smn,
         steps_full=args.steps_full, min_steps=args.min_steps, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
-        progress=not args.no_progress,
+        progress=not args.no_progress, flip=not args.no_flip,
     )
     rows = [lowshot_row(ctx, m, f, s) for f in args.fractions for s in args.seeds for m in args.methods]
     summary = summarize(rows)
