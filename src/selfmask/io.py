@@ -73,3 +73,16 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise SelfmaskError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """A JSON object from ``path``; invalid JSON or another JSON type is one clear error naming ``what``."""
+    from selfmask.errors import SelfmaskError
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise SelfmaskError(f"{what}: invalid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise SelfmaskError(f"{what}: expected a JSON object, got {type(data).__name__}")
+    return data

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from selfmask.errors import SelfmaskError
+from selfmask.io import read_json_object
 
 
 def add_data_args(p: argparse.ArgumentParser, default: str = "embedded") -> None:
@@ -38,13 +38,7 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
         return {}
     if not path.is_file():
         raise SelfmaskError(f"config file {str(path)!r} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise SelfmaskError(f"config file {path}: invalid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise SelfmaskError(f"config file {path}: expected a JSON object, got {type(data).__name__}")
-    return data
+    return read_json_object(path, f"config file {path}")
 
 
 def check_eval_args(args: argparse.Namespace) -> None:

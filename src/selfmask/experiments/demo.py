@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import platform
@@ -211,10 +210,6 @@ def print_table(results: dict[str, Any]) -> None:
     from selfmask.reports import markdown_table
 
     print(markdown_table(results["rows"], TABLE_COLUMNS))
-
-
-def load_results(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
 
 
 __all__ = ["DemoConfig", "print_table", "run_demo"]

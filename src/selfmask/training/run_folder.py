@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from selfmask.errors import SelfmaskError
-from selfmask.io import atomic_write_json, atomic_write_text, read_safetensors
+from selfmask.io import atomic_write_json, atomic_write_text, read_json_object, read_safetensors
 
 RUN_FILES = (
     "config.json",
@@ -131,10 +131,7 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
     f = Path(path) / "config.json"
     if not f.is_file():
         raise SelfmaskError(f"{str(path)!r} is not a run folder: {f.name} is missing")
-    try:
-        cfg = json.loads(f.read_text())
-    except ValueError as exc:
-        raise SelfmaskError(f"{f}: invalid JSON ({exc})") from None
+    cfg = read_json_object(f, str(f))
     for key in ("backbone", "seed"):
         if key not in cfg:
             raise SelfmaskError(f"{f}: key {key!r} is missing")
