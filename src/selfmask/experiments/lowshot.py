@@ -67,6 +67,7 @@ class LowShotContext:
     histories: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     sparsity: dict[str, list[tuple[str, float]]] = field(default_factory=dict)
     _features: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _smn_bits: int | None = None
 
     def backbone(self, which: str = "pretrained") -> torch.nn.Module:
         from selfmask.backbones import create_backbone
@@ -200,9 +201,12 @@ def _ev_fields(ev: dict[str, Any]) -> dict[str, Any]:
 
 
 def _smn_bits(ctx: LowShotContext) -> int:
+    """Stored bits of the SMN's masks (one bit per masked weight), counted once per context."""
     from selfmask.masking import mask_summary
 
-    return mask_summary(ctx.backbone("smn")).raw_bits
+    if ctx._smn_bits is None:
+        ctx._smn_bits = mask_summary(ctx.backbone("smn")).raw_bits
+    return ctx._smn_bits
 
 
 def summarize(rows: list[dict[str, Any]], metric: str = "accuracy") -> list[dict[str, Any]]:
