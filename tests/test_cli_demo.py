@@ -66,7 +66,11 @@ def test_adapt_eval_pack_lowshot_on_the_cached_checkpoint(quick_demo, tmp_path) 
     assert (tmp_path / "task.mask").stat().st_size > 0
     smn = tmp_path / "smn"
     assert main(["adapt", *common, "--objective", "swav", "--epochs", "1", "--prototypes", "20", "--queue-length", "0",
-                 "--freeze-prototypes-iters", "1", "--out", str(smn)]) == 0
+                 "--freeze-prototypes-iters", "1", "--large-crop-scale", "0.5", "1", "--small-crop-scale", "0.3", "0.6",
+                 "--no-color", "--no-blur", "--out", str(smn)]) == 0
+    crops = json.loads((smn / "config.json").read_text())["crops"]  # the multi-crop recipe the run used
+    assert crops["large_scale"] == [0.5, 1.0] and crops["small_scale"] == [0.3, 0.6]
+    assert crops["jitter_p"] == crops["grayscale_p"] == crops["blur_p"] == 0.0
     sweep = tmp_path / "sweep"
     assert main(["lowshot", "--data", "embedded-tiny", "--cache-dir", str(cache), "--smn", str(smn), "--fractions",
                  "0.1", "--seeds", "0", "1", "--methods", "lp", "smn-lp", "--out", str(sweep), "--no-progress"]) == 0
@@ -86,6 +90,8 @@ def test_adapt_eval_pack_lowshot_on_the_cached_checkpoint(quick_demo, tmp_path) 
         (["eval", "--data", "embedded-tiny", "--knn-k", "0"], "--knn-k must be >= 1"),
         (["eval", "--data", "embedded-tiny", "--per-class", "1000"], "per_class=1000"),
         (["lowshot", "--methods", "smn-lp", "--out", "{tmp}/s"], "need --smn"),
+        (["adapt", "--data", "embedded-tiny", "--objective", "swav", "--large-crop-scale", "0.9", "0.2", "--out",
+          "{tmp}/r"], "large_scale"),
     ],
 )
 def test_cli_bad_input_exits_2(argv, message, tmp_path, capsys, monkeypatch) -> None:

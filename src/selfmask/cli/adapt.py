@@ -87,6 +87,12 @@ def add_swav_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-start-epoch", type=int, default=None, help="0-based epoch the queue starts (default 30)")
     g.add_argument("--freeze-prototypes-iters", type=int, default=None, help="steps with frozen prototypes (default 313)")
     g.add_argument("--small-crops", type=int, default=None, help="number of small crops (default 6)")
+    g.add_argument("--large-crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="area fraction range of the large crops (default 0.14 1.0, the paper's)")
+    g.add_argument("--small-crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                   help="area fraction range of the small crops (default 0.05 0.14, the paper's)")
+    g.add_argument("--no-color", action="store_true", help="no colour jitter and no grayscale in the crops")
+    g.add_argument("--no-blur", action="store_true", help="no Gaussian blur in the crops")
     g.add_argument("--online-knn-every", type=int, default=0, help="k-NN on a held-out tenth of the training set "
                    "every N epochs, to watch progress (0 = off)")
 
@@ -100,9 +106,17 @@ def swav_settings(args: argparse.Namespace, info: object, seed: int):  # noqa: A
         "num_prototypes": args.prototypes, "queue_length": args.queue_length,
         "queue_start_epoch": args.queue_start_epoch, "freeze_prototypes_iters": args.freeze_prototypes_iters,
     }.items() if v is not None}
-    crop_kw = {"n_small": args.small_crops} if args.small_crops is not None else {}
+    crop_kw: dict[str, Any] = {"n_small": args.small_crops} if args.small_crops is not None else {}
     if args.no_flip:
         crop_kw["flip_p"] = 0.0
+    if args.large_crop_scale is not None:
+        crop_kw["large_scale"] = tuple(args.large_crop_scale)
+    if args.small_crop_scale is not None:
+        crop_kw["small_scale"] = tuple(args.small_crop_scale)
+    if args.no_color:
+        crop_kw.update(jitter_p=0.0, grayscale_p=0.0)
+    if args.no_blur:
+        crop_kw["blur_p"] = 0.0
     crops = MultiCrop.for_input_size(info.input_size, seed=seed, mean=info.mean, std=info.std, **crop_kw)
     return SwAVConfig(**kw), crops
 
@@ -137,7 +151,8 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
 
 #: Flags that change what is trained; ``--resume`` takes all of them from RUN_DIR/config.json.
 _RESUME_FIXED = (*_TRAIN_FLAGS, "config", "backbone", "weights", "prototypes", "queue_length", "queue_start_epoch",
-                 "freeze_prototypes_iters", "small_crops")
+                 "freeze_prototypes_iters", "small_crops", "large_crop_scale", "small_crop_scale", "no_color",
+                 "no_blur")
 
 
 def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, Any] | None]:
