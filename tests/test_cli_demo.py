@@ -92,6 +92,8 @@ def test_adapt_eval_pack_lowshot_on_the_cached_checkpoint(quick_demo, tmp_path) 
         (["lowshot", "--methods", "smn-lp", "--out", "{tmp}/s"], "need --smn"),
         (["adapt", "--data", "embedded-tiny", "--objective", "swav", "--large-crop-scale", "0.9", "0.2", "--out",
           "{tmp}/r"], "large_scale"),
+        (["adapt", "--data", "embedded-tiny", "--no-color", "--prototypes", "10", "--out", "{tmp}/r"],
+         "--prototypes, --no-color only apply to --objective swav"),
     ],
 )
 def test_cli_bad_input_exits_2(argv, message, tmp_path, capsys, monkeypatch) -> None:

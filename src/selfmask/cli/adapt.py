@@ -149,6 +149,10 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     return train, other
 
 
+#: Flags of the SwAV objective and its multi-crop views; refused for a supervised run.
+_SWAV_FLAGS = ("prototypes", "queue_length", "queue_start_epoch", "freeze_prototypes_iters", "small_crops",
+               "large_crop_scale", "small_crop_scale", "no_color", "no_blur", "online_knn_every")
+
 #: Flags that change what is trained; ``--resume`` takes all of them from RUN_DIR/config.json.
 _RESUME_FIXED = (*_TRAIN_FLAGS, "config", "backbone", "weights", "prototypes", "queue_length", "queue_start_epoch",
                  "freeze_prototypes_iters", "small_crops", "large_crop_scale", "small_crop_scale", "no_color",
@@ -230,6 +234,11 @@ def run(args: argparse.Namespace) -> int:
             raise SelfmaskError("--out RUN_DIR is required (or --resume RUN_DIR to continue a run)")
         train_settings, other = resolve_settings(args)
         out, resume, swav_crops = args.out, False, None
+        if train_settings.get("objective", "supervised") != "swav":
+            ignored = [n for n in _SWAV_FLAGS if getattr(args, n, None) not in (None, False, 0)]
+            if ignored:
+                flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+                raise SelfmaskError(f"{flags} only apply to --objective swav (this run is supervised)")
     # every problem (config, device, backbone, weights, data, run folder, disk) at once, before any work
     run_preflight(out=out, backbone=other["backbone"], weights=other["weights"], data=other["data"],
                   train_settings=train_settings, overwrite=args.overwrite and not resume, resume=resume)
