@@ -37,7 +37,7 @@ def table(evals: list[dict], rows: list[tuple[str, str]]) -> None:
     print("| model | k-NN | linear probe | per seed (k-NN / LP) |\n|---|---|---|---|")
     for key, label in rows:
         knn = [e[key]["knn_accuracy"] for e in evals]
-        lp = [e[key]["linear_probe_accuracy"] for e in evals]
+        lp = [e[key].get("linear_probe_accuracy", float("nan")) for e in evals]  # nan: built with --no-probe
         per = ", ".join(f"{a:.3f} / {b:.3f}" for a, b in zip(knn, lp))
         print(f"| {label} | {mean_std(knn)} | {mean_std(lp)} | {per} |")
 
