@@ -94,6 +94,8 @@ def test_adapt_eval_pack_lowshot_on_the_cached_checkpoint(quick_demo, tmp_path) 
           "{tmp}/r"], "large_scale"),
         (["adapt", "--data", "embedded-tiny", "--no-color", "--prototypes", "10", "--out", "{tmp}/r"],
          "--prototypes, --no-color only apply to --objective swav"),
+        (["adapt", "--data", "embedded-tiny", "--queue-length", "0", "--out", "{tmp}/r"],
+         "--queue-length only apply to --objective swav .this run's objective: 'supervised'"),
     ],
 )
 def test_cli_bad_input_exits_2(argv, message, tmp_path, capsys, monkeypatch) -> None:

@@ -129,6 +129,9 @@ def test_resume_refusals_are_one_clear_line(setup, tmp_path, capsys) -> None:
     assert "already holds a finished run (finished); nothing to resume" in capsys.readouterr().err
     assert main(["adapt", "--resume", str(ref), "--epochs", "5", "--lr", "1"]) == 2
     assert "drop --epochs, --lr" in capsys.readouterr().err
+    # a zero is a value the user gave, and the crop flags shape training too
+    assert main(["adapt", "--resume", str(ref), "--seed", "0", "--large-crop-scale", "0.5", "1", "--no-color"]) == 2
+    assert "drop --seed, --large-crop-scale, --no-color" in capsys.readouterr().err
     assert main(["adapt", "--resume", str(tmp_path / "nothing")]) == 2
     assert "is not a run folder: config.json is missing" in capsys.readouterr().err
     assert main(["adapt", "--data", "embedded-tiny"]) == 2

@@ -93,15 +93,12 @@ def add_swav_args(p: argparse.ArgumentParser) -> None:
                    help="area fraction range of the small crops (default 0.05 0.14, the paper's)")
     g.add_argument("--no-color", action="store_true", help="no colour jitter and no grayscale in the crops")
     g.add_argument("--no-blur", action="store_true", help="no Gaussian blur in the crops")
-    g.add_argument("--online-knn-every", type=int, default=0, help="k-NN on a held-out tenth of the training set "
+    g.add_argument("--online-knn-every", type=int, default=None, help="k-NN on a held-out tenth of the training set "
                    "every N epochs, to watch progress (0 = off)")
 
 
-def swav_settings(args: argparse.Namespace, info: object, seed: int):  # noqa: ANN201
-    """SwAVConfig and MultiCrop from the flags (paper defaults otherwise)."""
-    from selfmask.data.multicrop import MultiCrop
-    from selfmask.objectives import SwAVConfig
-
+def _swav_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(SwAVConfig keywords, MultiCropConfig keywords) given by the flags."""
     kw = {k: v for k, v in {
         "num_prototypes": args.prototypes, "queue_length": args.queue_length,
         "queue_start_epoch": args.queue_start_epoch, "freeze_prototypes_iters": args.freeze_prototypes_iters,
@@ -117,6 +114,25 @@ def swav_settings(args: argparse.Namespace, info: object, seed: int):  # noqa: A
         crop_kw.update(jitter_p=0.0, grayscale_p=0.0)
     if args.no_blur:
         crop_kw["blur_p"] = 0.0
+    return kw, crop_kw
+
+
+def check_swav_flags(args: argparse.Namespace) -> None:
+    """Validate the SwAV and multi-crop flags before any work (bad values: SelfmaskError)."""
+    from selfmask.data.multicrop import MultiCropConfig
+    from selfmask.objectives import SwAVConfig
+
+    kw, crop_kw = _swav_overrides(args)
+    SwAVConfig(**kw)
+    MultiCropConfig.for_input_size(224, **crop_kw)  # scales and probabilities do not depend on the size
+
+
+def swav_settings(args: argparse.Namespace, info: object, seed: int):  # noqa: ANN201
+    """SwAVConfig and MultiCrop from the flags (paper defaults otherwise)."""
+    from selfmask.data.multicrop import MultiCrop
+    from selfmask.objectives import SwAVConfig
+
+    kw, crop_kw = _swav_overrides(args)
     crops = MultiCrop.for_input_size(info.input_size, seed=seed, mean=info.mean, std=info.std, **crop_kw)
     return SwAVConfig(**kw), crops
 
@@ -149,6 +165,12 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     return train, other
 
 
+def _given(args: argparse.Namespace, name: str) -> bool:
+    """Whether flag ``name`` was given (options default to None, switches to False; 0 is a value)."""
+    value = getattr(args, name, None)
+    return value is not None and value is not False
+
+
 #: Flags of the SwAV objective and its multi-crop views; refused for a supervised run.
 _SWAV_FLAGS = ("prototypes", "queue_length", "queue_start_epoch", "freeze_prototypes_iters", "small_crops",
                "large_crop_scale", "small_crop_scale", "no_color", "no_blur", "online_knn_every")
@@ -174,7 +196,7 @@ def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     run_dir = args.resume
     if args.out is not None and Path(args.out).resolve() != Path(run_dir).resolve():
         raise SelfmaskError(f"--resume {str(run_dir)!r} continues the run in place; drop --out {str(args.out)!r}")
-    given = [n for n in _RESUME_FIXED if getattr(args, n, None) not in (None, False)]
+    given = [n for n in _RESUME_FIXED if _given(args, n)]
     given += ["data"] if args.data != "embedded" else []
     given += [f for f, on in (("no_augment", args.no_augment), ("no_flip", args.no_flip)) if on]
     if given:
@@ -234,11 +256,14 @@ def run(args: argparse.Namespace) -> int:
             raise SelfmaskError("--out RUN_DIR is required (or --resume RUN_DIR to continue a run)")
         train_settings, other = resolve_settings(args)
         out, resume, swav_crops = args.out, False, None
-        if train_settings.get("objective", "supervised") != "swav":
-            ignored = [n for n in _SWAV_FLAGS if getattr(args, n, None) not in (None, False, 0)]
+        objective = train_settings.get("objective", "supervised")
+        if objective != "swav":
+            ignored = [n for n in _SWAV_FLAGS if _given(args, n)]
             if ignored:
                 flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
-                raise SelfmaskError(f"{flags} only apply to --objective swav (this run is supervised)")
+                raise SelfmaskError(f"{flags} only apply to --objective swav (this run's objective: {objective!r})")
+        else:
+            check_swav_flags(args)
     # every problem (config, device, backbone, weights, data, run folder, disk) at once, before any work
     run_preflight(out=out, backbone=other["backbone"], weights=other["weights"], data=other["data"],
                   train_settings=train_settings, overwrite=args.overwrite and not resume, resume=resume)
@@ -292,7 +317,7 @@ def _run(
 
             swav, crops = swav_crops or swav_settings(args, info, cfg.seed)
             online = None
-            if args.online_knn_every > 0:
+            if (args.online_knn_every or 0) > 0:
                 held = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))
                 cut = max(1, len(train) // 10)
                 online = OnlineEval(train.subset(held[cut:]), train.subset(held[:cut]), every=args.online_knn_every)

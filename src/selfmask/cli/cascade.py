@@ -22,7 +22,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dispatcher", metavar="DISPATCHER_RUN", type=Path, help="run folder of the dispatcher SMN")
     p.add_argument("--out", type=Path, required=True, help="cascade folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a cascade in --out")
-    p.add_argument("--data", default=None, help="dataset spec (default: the dispatcher's, with its seed)")
+    p.add_argument("--data", default=None, help="dataset spec (default: the dispatcher's)")
     p.add_argument("--cache-dir", type=Path, default=None, help="dataset cache (default ~/.cache/selfmask)")
     p.add_argument("--experts", type=int, default=5, help="number of groups / experts (default 5)")
     p.add_argument("--router", default="gmm", help="gmm | kmeans (default gmm, as the authors' code)")
