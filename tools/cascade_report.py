@@ -7,7 +7,8 @@ Markdown, the mean and std over the folders of k-NN and linear-probe accuracy fo
 backbone, the single SMN and both fusions, and the group purity (largest class share per
 routed group). ``--ablation`` rebuilds each cascade with every expert replaced by the root
 (the dispatcher) and refits the fusion on the training set: what routing + fusion give
-without any specialisation. ``--time-repeats N`` re-times inference on the reloaded cascade
+without any specialisation (evaluated with the default k-NN k = 200, T = 0.1 and a linear probe,
+the settings of the documented runs). ``--time-repeats N`` re-times inference on the reloaded cascade
 (256 test images, interleaved, medians of N).
 """
 
