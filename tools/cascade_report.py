@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from selfmask.cascade import MODES, Cascade, FusionPCA, concat_parts, evaluate_cascade, time_inference
+from selfmask.cascade import Cascade, evaluate_cascade, fit_fusion, time_inference
 from selfmask.data.sources import load_data
 
 ROWS = [("pretrained", "pretrained backbone (no masks)"), ("single_smn", "single SMN (the dispatcher)"),
@@ -70,17 +70,13 @@ def main() -> None:
         seed = int(res["build"]["cascade"]["seed"])
         print(f"\n{folder}: groups {res['build']['group_sizes']}, largest class share per group "
               f"{[round(p, 3) for p in purity(cascade, train)]}")
+        if args.time_repeats:  # before the ablation, which reuses this cascade's backbone
+            timings.append(time_inference(cascade, test.images[:256], repeats=args.time_repeats))
         if args.ablation:
             root = cascade.masks["root"]
             copy = Cascade(cascade.bank.deactivate(), cascade.info, root, [root] * cascade.num_experts, cascade.router)
-            for mode in MODES:
-                parts = [copy.embed_parts(train.images[i : i + 256], mode) for i in range(0, len(train), 256)]
-                concat = torch.cat([concat_parts(r, e, None if mode == "unconditional" else rt) for r, e, rt in parts])
-                copy.fusion[mode] = FusionPCA.fit(concat, cascade.fusion[mode].dim)
+            fit_fusion(copy, train, cascade.fusion["conditional"].dim)
             ablations.append(evaluate_cascade(copy, train, test, seed=seed))
-        if args.time_repeats:
-            cascade = Cascade.load(folder)
-            timings.append(time_inference(cascade, test.images[:256], repeats=args.time_repeats))
     if ablations:
         print("\nAblation: every expert replaced by the root (no specialisation), fusion refitted\n")
         table(ablations, ROWS[1:])

@@ -3,7 +3,7 @@
 See docs/cascade.md for the recipe, the folder format and measured numbers.
 """
 
-from selfmask.cascade.build import build_cascade, dispatcher_steps, evaluate_cascade, time_inference
+from selfmask.cascade.build import build_cascade, dispatcher_steps, evaluate_cascade, fit_fusion, time_inference
 from selfmask.cascade.config import MODES, ROUTERS, CascadeConfig
 from selfmask.cascade.fusion import FusionPCA, concat_parts
 from selfmask.cascade.model import FORMAT_NAME, FORMAT_VERSION, Cascade, EmbedStats, read_manifest
@@ -23,6 +23,7 @@ __all__ = [
     "concat_parts",
     "dispatcher_steps",
     "evaluate_cascade",
+    "fit_fusion",
     "fit_pca",
     "fit_router",
     "read_manifest",

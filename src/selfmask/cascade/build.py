@@ -71,6 +71,12 @@ def _embed_all(cascade: Cascade, data: ImageTensorDataset, mode: str, batch_size
     return {"root": torch.cat(roots), "routes": torch.cat(routes), "concat": torch.cat(parts)}
 
 
+def fit_fusion(cascade: Cascade, train_set: ImageTensorDataset, dim: int, batch_size: int = 256) -> None:
+    """Fit both modes' fusion PCA (to ``dim``) on ``train_set``'s concatenated embeddings, in place."""
+    for mode in MODES:
+        cascade.fusion[mode] = FusionPCA.fit(_embed_all(cascade, train_set, mode, batch_size)["concat"], dim)
+
+
 def _changed_buffers(model: torch.nn.Module, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``buffer.<name>`` extras: the buffers training changed (BatchNorm statistics), as mask files store them."""
     return {f"buffer.{k}": v.detach().cpu().clone() for k, v in model.named_buffers()
@@ -172,10 +178,7 @@ def build_cascade(
     torch.manual_seed(int(dcfg["seed"]))
     base = create_backbone(info.name, weights)
     cascade = Cascade(base, info, load_mask(out / "root.mask"), expert_masks, router)
-    fusion_dim = cfg.fusion_dim or info.embed_dim
-    for mode in MODES:
-        parts = _embed_all(cascade, train_set, mode, batch_size)
-        cascade.fusion[mode] = FusionPCA.fit(parts["concat"], fusion_dim)
+    fit_fusion(cascade, train_set, cfg.fusion_dim or info.embed_dim, batch_size)
     report = {
         "cascade": cfg.to_dict(),
         "dispatcher": str(dispatcher),
