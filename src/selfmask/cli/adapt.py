@@ -171,14 +171,15 @@ def _given(args: argparse.Namespace, name: str) -> bool:
     return value is not None and value is not False
 
 
+#: SwAV and multi-crop flags that shape training (``--online-knn-every`` only watches it).
+_SWAV_TRAINING_FLAGS = ("prototypes", "queue_length", "queue_start_epoch", "freeze_prototypes_iters", "small_crops",
+                        "large_crop_scale", "small_crop_scale", "no_color", "no_blur")
+
 #: Flags of the SwAV objective and its multi-crop views; refused for a supervised run.
-_SWAV_FLAGS = ("prototypes", "queue_length", "queue_start_epoch", "freeze_prototypes_iters", "small_crops",
-               "large_crop_scale", "small_crop_scale", "no_color", "no_blur", "online_knn_every")
+_SWAV_FLAGS = (*_SWAV_TRAINING_FLAGS, "online_knn_every")
 
 #: Flags that change what is trained; ``--resume`` takes all of them from RUN_DIR/config.json.
-_RESUME_FIXED = (*_TRAIN_FLAGS, "config", "backbone", "weights", "prototypes", "queue_length", "queue_start_epoch",
-                 "freeze_prototypes_iters", "small_crops", "large_crop_scale", "small_crop_scale", "no_color",
-                 "no_blur")
+_RESUME_FIXED = (*_TRAIN_FLAGS, "config", "backbone", "weights", *_SWAV_TRAINING_FLAGS)
 
 
 def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, Any] | None]:
