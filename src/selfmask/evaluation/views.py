@@ -93,7 +93,10 @@ def view_agreement(
     own = torch.arange(images.shape[0])
     nearest = (first @ second.t()).argmax(dim=1)
     large_small = None if small is None else float(((first @ small.t()).argmax(dim=1) == own).float().mean())
-    cls = None if labels is None else float((labels.cpu()[nearest] == labels.cpu()).float().mean())
+    cls = None
+    if labels is not None:
+        labels = labels.cpu()
+        cls = float((labels[nearest] == labels).float().mean())
     return ViewAgreement(int(images.shape[0]), float((nearest == own).float().mean()), large_small, cls)
 
 
