@@ -17,7 +17,15 @@ from torch import nn
 
 from selfmask.errors import SelfmaskError
 from selfmask.fingerprint import model_fingerprint
-from selfmask.masking.model import current_masks, is_masked, iter_score_masks, mask_config, mask_model, merge_masks
+from selfmask.masking.model import (
+    base_state_dict,
+    current_masks,
+    is_masked,
+    iter_score_masks,
+    mask_config,
+    mask_model,
+    merge_masks,
+)
 from selfmask.storage.maskfile import MaskFile, load_mask
 
 
@@ -36,9 +44,10 @@ def check_fingerprint(actual: str, mask: MaskFile, *, force: bool = False, what:
 
 
 def check_names_and_shapes(targets: dict[str, torch.Size], mask: MaskFile, what: str) -> None:
-    """The file's tensors must be exactly ``targets`` (name -> shape)."""
-    missing = sorted(set(targets) - set(mask.masks))
-    unexpected = sorted(set(mask.masks) - set(targets))
+    """The file's tensors must be exactly ``targets`` (name -> shape); read from the index, nothing decoded."""
+    shapes = {t.name: t.shape for t in mask.tensors}
+    missing = sorted(set(targets) - set(shapes))
+    unexpected = sorted(set(shapes) - set(targets))
     if missing or unexpected:
         raise SelfmaskError(
             f"{what}: the mask file's tensors do not match the model: masked in the model but not in the file "
@@ -46,10 +55,9 @@ def check_names_and_shapes(targets: dict[str, torch.Size], mask: MaskFile, what:
             f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
         )
     for name, shape in targets.items():
-        if tuple(shape) != tuple(mask.masks[name].shape):
+        if tuple(shape) != shapes[name]:
             raise SelfmaskError(
-                f"{what}: tensor {name!r} has shape {list(shape)} in the model but {list(mask.masks[name].shape)} "
-                "in the mask file"
+                f"{what}: tensor {name!r} has shape {list(shape)} in the model but {list(shapes[name])} in the mask file"
             )
 
 
@@ -68,12 +76,14 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
 
     ``model`` is a plain backbone (it is masked with the file's ``MaskConfig``) or a
     model already masked with the same targets. Its base fingerprint must match the
-    file's unless ``force=True`` (then a warning). Names and shapes must match exactly.
+    file's unless ``force=True`` (then a warning; but masks coded given the base weights
+    are refused on other weights even then). Names and shapes must match exactly.
     Afterwards ``current_masks(model)`` equals ``mask.masks`` bit for bit.
     """
     if not isinstance(mask, MaskFile):
         mask = load_mask(mask)
-    check_fingerprint(model_fingerprint(model), mask, force=force)
+    fingerprint = model_fingerprint(model)
+    check_fingerprint(fingerprint, mask, force=force)
     if is_masked(model):
         config = mask_config(model)
         if config.mode != mask.config.mode:
@@ -84,6 +94,7 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
     else:
         targets = {n: p.shape for n, p in model.named_parameters() if mask.config.matches(n)}
     check_names_and_shapes(targets, mask, "apply_mask")  # before the model is changed in any way
+    mask.decode_with_base(base_state_dict(model), fingerprint)  # masks coded given the base (none: no-op)
     if mask.config.mode == "topk":
         for name, stored in mask.masks.items():
             k = max(1, min(stored.numel(), round(float(mask.config.keep_ratio or 1.0) * stored.numel())))

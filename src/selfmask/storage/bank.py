@@ -94,6 +94,7 @@ class MaskBank:
         check_fingerprint(self.fingerprint, mask, force=self.force, what=f"MaskBank.add({name!r})")
         targets = {n: p.shape for n, p in self._params.items() if mask.config.matches(n)}
         check_names_and_shapes(targets, mask, f"MaskBank.add({name!r})")
+        mask.decode_with_base(self.base_weights(), self.fingerprint)  # masks coded given the base (none: no-op)
         buffers = check_buffers(self.model, mask, f"MaskBank.add({name!r})")
         for bname in buffers:
             if bname not in self._buffer_originals:
@@ -112,6 +113,10 @@ class MaskBank:
             ones = torch.ones((), dtype=dtype, device=param.device)
             inv_alpha[tname] = _inv_alpha(m.to(param.device), dtype) if mask.config.rescale else ones
         self._tasks[name] = _Task(packed, inv_alpha, dict(mask.extra), buffers)
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The backbone's base parameters by name, whatever task is active (what masks are coded against)."""
+        return {n: self._originals.get(n, p) for n, p in self._params.items()}
 
     def remove(self, name: str) -> None:
         self._require(name)

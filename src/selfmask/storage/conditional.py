@@ -1,0 +1,273 @@
+"""The ``"ans-weight"`` mask codec: each mask bit coded given the base weight it masks.
+
+Whether a mask bit flips depends on its weight (the score gradient is
+``dL/dS_i = g_i * w_i / alpha``), and the decoder always has the base weights (a mask
+file's fingerprint names them). So the entries of a tensor are split into contexts that
+both ends compute from the base weights alone:
+
+* ``B`` quantile bins of ``|w|`` within the tensor: the entry of rank ``r`` in the stable
+  ascending order of ``|w|`` (ties broken by position) is in bin ``r * B // n``;
+* optionally ``G`` groups of output channels (rows ``i`` of the tensor seen as
+  ``rows x cols``) by their active fraction: each row's active count ``k_i`` is coded first
+  (``Uniform(cols + 1)``), rows with ``k_i`` 0 or ``cols`` are then known, and the others
+  are ranked by ``(k_i, i)`` and cut into ``G`` equal groups.
+
+Each context ``c`` (group, bin) holds ``n_c`` entries, known to both ends; its active count
+``k_c`` is coded (``Uniform(n_c + 1)``), then every entry of a context with ``0 < k_c < n_c``,
+in C order, with ``Bernoulli(k_c / n_c)``. The cost is about
+``sum_c n_c H(k_c / n_c) + sum_c log2(n_c + 1)`` bits (plus the row counts when ``G > 1``):
+the writer evaluates it for every ``(B, G)`` of :data:`BIN_CHOICES` x :data:`GROUP_CHOICES`
+from one table of counts and codes with the cheapest. The payload (``constriction``'s stack
+ANS coder, little-endian ``uint32`` words) decodes in this order: the choice of ``(B, G)``
+(``Uniform``), the row counts (``G > 1``), the context counts, the bits.
+
+The decoder is given the base weights by the caller, who has checked the file's fingerprint
+against them first (:meth:`selfmask.storage.MaskFile.decode_with_base`): other weights would
+put the same counts in other places, a decode no check inside the payload could catch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from selfmask.errors import SelfmaskError
+
+CODEC = "ans-weight"
+#: Quantile bins of |w| the writer may choose (1: no weight information).
+BIN_CHOICES = (1, 2, 4, 8, 16, 32, 64)
+#: Groups of output channels by active fraction the writer may choose (1: no channel information).
+GROUP_CHOICES = (1, 2, 4, 8)
+_FINEST_BINS = BIN_CHOICES[-1]
+_FINEST_GROUPS = GROUP_CHOICES[-1]
+#: A count above this is coded as two symbols (constriction's Uniform takes at most 2**24 values).
+_COUNT_SPLIT = 2**16
+#: Entries decoded per call into the coder (bounds its int32 output and the probability array).
+DECODE_CHUNK = 2**20
+
+
+def weight_bins(weights: np.ndarray, bins: int = _FINEST_BINS) -> np.ndarray:
+    """Quantile bin of ``|w|`` for every entry of a flat weight array: ``rank * bins // n`` (uint8).
+
+    The rank is the position in the stable ascending sort of ``|w|`` taken in float64 (exact for
+    every float dtype), so both ends compute the same bins from the same weights.
+    """
+    n = weights.size
+    order = np.argsort(np.abs(weights.astype(np.float64, copy=False)), kind="stable")
+    out = np.empty(n, dtype=np.uint8)
+    out[order] = (np.arange(n, dtype=np.int64) * bins // max(n, 1)).astype(np.uint8)
+    return out
+
+
+def _row_groups(counts: np.ndarray, cols: int) -> np.ndarray:
+    """Group (0..7, the finest) of every row with ``0 < k_i < cols`` by rank of ``(k_i, i)``; -1 elsewhere."""
+    mixed = np.flatnonzero((counts > 0) & (counts < cols))
+    groups = np.full(counts.size, -1, dtype=np.int8)
+    if mixed.size:
+        order = mixed[np.argsort(counts[mixed], kind="stable")]
+        groups[order] = (np.arange(order.size, dtype=np.int64) * _FINEST_GROUPS // order.size).astype(np.int8)
+    return groups
+
+
+def context_entropy_bits(active: np.ndarray, total: np.ndarray) -> float:
+    """``sum n H(k / n)`` over contexts (0 where ``k`` is 0 or ``n``): ``active`` of ``total`` in each."""
+    k, n = active.astype(np.float64), total.astype(np.float64)
+    mixed = (k > 0) & (k < n)
+    k, n = k[mixed], n[mixed]
+    return float(-(k * np.log2(k / n) + (n - k) * np.log2((n - k) / n)).sum())
+
+
+def _count_bits(total: np.ndarray) -> float:
+    """Bits of the context counts: ``log2(n + 1)``, or ``log2(n >> 16 + 1) + 16`` for large ``n``."""
+    t = total[total > 0].astype(np.float64)
+    small = t < _COUNT_SPLIT
+    return float(np.log2(t[small] + 1).sum() + (np.log2(np.floor(t[~small] / _COUNT_SPLIT) + 1) + 16).sum())
+
+
+def _fold(table: np.ndarray, groups: int, bins: int) -> np.ndarray:
+    """Sum a finest ``(8, 64)`` table into ``(groups, bins)`` (the nested quantile cuts)."""
+    g, b = table.shape
+    return table.reshape(groups, g // groups, bins, b // bins).sum(axis=(1, 3))
+
+
+def _contexts(bins64: np.ndarray, rows: int, row_groups: np.ndarray | None, groups: int, bins: int) -> np.ndarray:
+    """Context id (``group * bins + bin``) of every entry; -1 for entries of constant rows (``G > 1``)."""
+    b = (bins64 // (_FINEST_BINS // bins)).astype(np.int32)
+    if groups == 1 or row_groups is None:
+        return b
+    cols = bins64.size // rows
+    g = np.repeat(row_groups.astype(np.int32), cols)
+    return np.where(g < 0, -1, (g // (_FINEST_GROUPS // groups)) * bins + b)
+
+
+def _choices(rows: int | None, numel: int) -> tuple[int, ...]:
+    """Group choices allowed for this tensor: > 1 needs rows of fewer than 2**16 entries."""
+    if rows is None or rows < 2 or numel % rows or numel // rows >= 2**16:
+        return (1,)
+    return GROUP_CHOICES
+
+
+def estimate(
+    flat: np.ndarray, weights: np.ndarray, rows: int | None = None, bins64: np.ndarray | None = None
+) -> tuple[float, int, int]:
+    """``(bits, B, G)``: the estimated payload of the cheapest choice of bins and groups.
+
+    ``bins64``: :func:`weight_bins` of ``weights``, when the caller has it already.
+    """
+    n = flat.size
+    if bins64 is None:
+        bins64 = weight_bins(weights)
+    ones = flat.astype(np.int64)
+    total_all = np.bincount(bins64, minlength=_FINEST_BINS).astype(np.float64)
+    active_all = np.bincount(bins64, weights=ones, minlength=_FINEST_BINS)
+    best = (np.inf, 1, 1)
+    param_bits = np.log2(len(BIN_CHOICES) * len(GROUP_CHOICES))
+    for bins in BIN_CHOICES:
+        a = active_all.reshape(bins, -1).sum(1)
+        t = total_all.reshape(bins, -1).sum(1)
+        bits = context_entropy_bits(a, t) + _count_bits(t) + param_bits
+        best = min(best, (bits, bins, 1))
+    allowed = _choices(rows, n)
+    if len(allowed) > 1:
+        assert rows is not None
+        cols = n // rows
+        counts = np.count_nonzero(flat.reshape(rows, cols), axis=1)
+        groups = _row_groups(counts, cols)
+        g = np.repeat(groups.astype(np.int64), cols)
+        keep = g >= 0
+        ctx = g[keep] * _FINEST_BINS + bins64[keep]
+        size = _FINEST_GROUPS * _FINEST_BINS
+        active = np.bincount(ctx, weights=ones[keep], minlength=size).reshape(_FINEST_GROUPS, _FINEST_BINS)
+        total = np.bincount(ctx, minlength=size).reshape(_FINEST_GROUPS, _FINEST_BINS).astype(np.float64)
+        row_bits = rows * np.log2(cols + 1)
+        for group_count in allowed[1:]:
+            for bins in BIN_CHOICES:
+                a, t = _fold(active, group_count, bins).ravel(), _fold(total, group_count, bins).ravel()
+                bits = context_entropy_bits(a, t) + _count_bits(t) + row_bits + param_bits
+                best = min(best, (bits, bins, group_count))
+    return best
+
+
+def _encode_counts(coder, model, active: np.ndarray, total: np.ndarray) -> None:  # noqa: ANN001
+    """Context counts, in context order (decoded first to last): one or two Uniform symbols each."""
+    for c in range(total.size - 1, -1, -1):
+        n, k = int(total[c]), int(active[c])
+        if n == 0:
+            continue
+        if n < _COUNT_SPLIT:
+            coder.encode_reverse(np.array([k], dtype=np.int32), model.Uniform(n + 1))
+        else:
+            coder.encode_reverse(np.array([k & (_COUNT_SPLIT - 1)], dtype=np.int32), model.Uniform(_COUNT_SPLIT))
+            coder.encode_reverse(np.array([k >> 16], dtype=np.int32), model.Uniform((n >> 16) + 1))
+
+
+def encode(
+    flat: np.ndarray, weights: np.ndarray, rows: int | None = None, *, max_bits: float = float("inf")
+) -> bytes | None:
+    """Encode a flat bool mask given the flat base weights of the same entries (``rows``: output channels).
+
+    Returns ``None`` without coding when the estimated payload is not below ``max_bits``
+    (the size of another codec's payload, say).
+    """
+    import constriction
+
+    if weights.shape != flat.shape:
+        raise SelfmaskError(f"codec {CODEC!r}: {weights.size} weights for {flat.size} mask entries")
+    model = constriction.stream.model
+    bins64 = weight_bins(weights)
+    bits, bins, groups = estimate(flat, weights, rows, bins64)
+    if bits >= max_bits:
+        return None
+    n = flat.size
+    row_counts = None
+    row_groups = None
+    if groups > 1:
+        assert rows is not None
+        cols = n // rows
+        row_counts = np.count_nonzero(flat.reshape(rows, cols), axis=1).astype(np.int32)
+        row_groups = _row_groups(row_counts, cols)
+    ctx = _contexts(bins64, rows or 1, row_groups, groups, bins)
+    size = groups * bins
+    keep = ctx >= 0
+    total = np.bincount(ctx[keep], minlength=size)
+    active = np.bincount(ctx[keep], weights=flat[keep].astype(np.int64), minlength=size).astype(np.int64)
+    coded = keep.copy()
+    coded[keep] = (active[ctx[keep]] > 0) & (active[ctx[keep]] < total[ctx[keep]])
+    coder = constriction.stream.stack.AnsCoder()
+    if coded.any():
+        c = ctx[coded]
+        p = active[c] / total[c]
+        coder.encode_reverse(flat[coded].astype(np.int32), model.Bernoulli(perfect=False), p)
+    _encode_counts(coder, model, active, total)
+    if row_counts is not None:
+        coder.encode_reverse(row_counts, model.Uniform(cols + 1))
+    choice = BIN_CHOICES.index(bins) * len(GROUP_CHOICES) + GROUP_CHOICES.index(groups)
+    coder.encode_reverse(np.array([choice], dtype=np.int32), model.Uniform(len(BIN_CHOICES) * len(GROUP_CHOICES)))
+    return coder.get_compressed().astype("<u4").tobytes()
+
+
+def decode(payload: bytes, weights: np.ndarray, rows: int | None, where: str) -> np.ndarray:
+    """Decode a flat bool mask of ``weights.size`` entries given the base weights of those entries.
+
+    Raises :class:`SelfmaskError` (naming ``where``) on a payload that is not whole words,
+    a coder error, a choice of groups the tensor's shape does not allow, or a count out of range.
+    """
+    import constriction
+
+    if len(payload) % 4:
+        raise SelfmaskError(f"{where}: an {CODEC!r} payload is a whole number of 4-byte words, got {len(payload)} bytes")
+    model = constriction.stream.model
+    n = weights.size
+    try:
+        coder = constriction.stream.stack.AnsCoder(np.frombuffer(payload, dtype="<u4").astype(np.uint32))
+        choice = int(coder.decode(model.Uniform(len(BIN_CHOICES) * len(GROUP_CHOICES)), 1)[0])
+        bins, groups = BIN_CHOICES[choice // len(GROUP_CHOICES)], GROUP_CHOICES[choice % len(GROUP_CHOICES)]
+        if groups not in _choices(rows, n):
+            raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload ({groups} channel groups for shape rows={rows})")
+        flat = np.zeros(n, dtype=np.bool_)
+        bins64 = weight_bins(weights)
+        row_groups = None
+        if groups > 1:
+            assert rows is not None
+            cols = n // rows
+            row_counts = np.empty(rows, dtype=np.int64)
+            uniform = model.Uniform(cols + 1)
+            for start in range(0, rows, DECODE_CHUNK):
+                row_counts[start : start + DECODE_CHUNK] = coder.decode(uniform, min(DECODE_CHUNK, rows - start))
+            row_groups = _row_groups(row_counts, cols)
+            flat.reshape(rows, cols)[:] = (row_counts == cols)[:, None]
+        ctx = _contexts(bins64, rows or 1, row_groups, groups, bins)
+        size = groups * bins
+        keep = ctx >= 0
+        total = np.bincount(ctx[keep], minlength=size)
+        active = np.zeros(size, dtype=np.int64)
+        for c in range(size):
+            t = int(total[c])
+            if t == 0:
+                continue
+            if t < _COUNT_SPLIT:
+                k = int(coder.decode(model.Uniform(t + 1), 1)[0])
+            else:
+                hi = int(coder.decode(model.Uniform((t >> 16) + 1), 1)[0])
+                k = (hi << 16) | int(coder.decode(model.Uniform(_COUNT_SPLIT), 1)[0])
+            if k > t:
+                raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload (context {c}: {k} active of {t})")
+            active[c] = k
+        full = keep & (active[np.maximum(ctx, 0)] == total[np.maximum(ctx, 0)])
+        flat[full] = True
+        coded = np.flatnonzero(keep & ~full & (active[np.maximum(ctx, 0)] > 0))
+        family = model.Bernoulli(perfect=False)
+        for start in range(0, coded.size, DECODE_CHUNK):
+            part = coded[start : start + DECODE_CHUNK]
+            c = ctx[part]
+            flat[part] = coder.decode(family, active[c] / total[c]).astype(np.bool_)
+        got = np.bincount(ctx[keep], weights=flat[keep], minlength=size).astype(np.int64)
+        if not np.array_equal(got, active):
+            raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload (decoded bits disagree with the context counts)")
+        if row_groups is not None and not np.array_equal(np.count_nonzero(flat.reshape(rows, -1), axis=1), row_counts):
+            raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload (decoded bits disagree with the row counts)")
+    except (ValueError, RuntimeError, OverflowError) as exc:  # constriction's errors on corrupt data
+        raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload ({exc})") from None
+    return flat
+
+
+__all__ = ["BIN_CHOICES", "CODEC", "GROUP_CHOICES", "context_entropy_bits", "decode", "encode", "estimate", "weight_bins"]
