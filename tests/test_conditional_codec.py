@@ -82,6 +82,15 @@ def test_round_trip_exact_any_shape_dtype_and_ties(dtype, rows, cols, density) -
         assert np.array_equal(back, m)
 
 
+def test_contexts_of_more_than_65536_entries_code_their_counts_in_two_halves() -> None:
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(150_000, generator=g).double().numpy()
+    m = (torch.rand(150_000, generator=g) < 0.7).numpy()  # independent of w: one bin is cheapest
+    assert conditional.estimate(m, w)[1:] == (1, 1)
+    payload = conditional.encode(m, w)
+    assert np.array_equal(conditional.decode(payload, w, None, "big"), m)
+
+
 def test_decoder_refuses_missing_weights_and_corrupt_payloads() -> None:
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 50, generator=g)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-SECTIONS = ("step", "fastpath", "memory", "augment", "data", "storage", "bank", "knn")
+SECTIONS = ("step", "fastpath", "memory", "augment", "data", "storage", "bank", "knn", "conditional")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -31,6 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--repeats", type=int, default=7, help="interleaved timing blocks (median over them)")
     p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
+    p.add_argument(
+        "--mask",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="mask files of the 'conditional' section (each on the base it records: backbone, weights path or seed)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -57,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         "bank": lambda: bench.bank_switch_time(device=args.device, repeats=args.repeats),
         "knn": lambda: bench.knn_time(device=args.device),
     }
+    if args.only and "conditional" in args.only and not args.mask:
+        raise ValueError("the 'conditional' section needs --mask FILE [FILE ...]")
+    for i, path in enumerate(args.mask):
+        sections[f"conditional[{i}]"] = lambda path=path: _conditional(path, args.repeats)
     result: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
@@ -67,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
             "date": time.strftime("%Y-%m-%d"),
         }
     }
-    for name in args.only or SECTIONS:
+    chosen = [s for s in (args.only or SECTIONS) if s != "conditional"]
+    if args.mask and (args.only is None or "conditional" in args.only):
+        chosen += [f"conditional[{i}]" for i in range(len(args.mask))]
+    for name in chosen:
         t0 = time.perf_counter()
         result[name] = sections[name]()
         result[name]["bench_seconds"] = time.perf_counter() - t0
@@ -76,6 +90,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _conditional(path: str, repeats: int) -> dict[str, Any]:
+    """The 'conditional' section for one mask file, on the base it records."""
+    from selfmask.bench import conditional_coding
+    from selfmask.cli.common import build_base
+    from selfmask.storage import load_mask
+
+    mask = load_mask(path)
+    where = argparse.Namespace(backbone=mask.backbone, weights=mask.source.get("weights"), seed=None)
+    return {"file": path, **conditional_coding(mask, build_base(where, mask, path), repeats)}
 
 
 _KEY_FIGURES = {
@@ -88,13 +113,21 @@ _KEY_FIGURES = {
                 "encode_plus_decode_s"),
     "bank": ("switch_s", "copy_s", "switch_over_copy"),
     "knn": ("bank", "queries", "dim", "seconds", "queries_per_s"),
+    "conditional": ("file", "masked_weights", "payload_bits_per_weight", "bounds_bits_per_weight",
+                    "conditioned_over_per_tensor_bound", "conditioned_over_weight_bound", "file_bytes",
+                    "encode_over_lzma9", "decode_over_lzma9", "encode_plus_decode_over_lzma9"),
 }
 
 
 def _print_section(name: str, res: dict[str, Any]) -> None:
-    keys = [k for k in _KEY_FIGURES.get(name, ()) if k in res] or [k for k in res if not isinstance(res[k], dict)]
-    parts = []
-    for k in keys:
-        v = res[k]
-        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    print(f"[{name}] " + ", ".join(parts))
+    figures = _KEY_FIGURES.get(name.split("[")[0], ())  # "conditional[0]": one per mask file
+    keys = [k for k in figures if k in res] or [k for k in res if not isinstance(res[k], dict)]
+    print(f"[{name}] " + ", ".join(f"{k}={_fmt(res[k])}" for k in keys))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)

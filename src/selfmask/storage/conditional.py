@@ -48,14 +48,30 @@ DECODE_CHUNK = 2**20
 def weight_bins(weights: np.ndarray, bins: int = _FINEST_BINS) -> np.ndarray:
     """Quantile bin of ``|w|`` for every entry of a flat weight array: ``rank * bins // n`` (uint8).
 
-    The rank is the position in the stable ascending sort of ``|w|`` taken in float64 (exact for
-    every float dtype), so both ends compute the same bins from the same weights.
+    The rank is the position in the ascending order of ``(|w|, position)``: a definition, not an
+    algorithm, so both ends compute the same bins from the same weights whatever their dtype.
     """
     n = weights.size
-    order = np.argsort(np.abs(weights.astype(np.float64, copy=False)), kind="stable")
+    order = _rank_order(np.abs(weights))
     out = np.empty(n, dtype=np.uint8)
     out[order] = (np.arange(n, dtype=np.int64) * bins // max(n, 1)).astype(np.uint8)
     return out
+
+
+def _rank_order(magnitude: np.ndarray) -> np.ndarray:
+    """Positions in ascending ``(|w|, position)`` order.
+
+    When every value is exactly a float32 (weights of float32, float16 or bfloat16), one sort
+    of the unique 64-bit keys ``float32 bits << 32 | position`` (the bits of a non-negative
+    float order as the float does): about 5 times faster than a stable argsort of float64.
+    """
+    n = magnitude.size
+    narrow = magnitude.astype(np.float32)
+    if n < 2**32 and np.array_equal(narrow, magnitude):  # False with a NaN: the stable sort below
+        keys = (narrow.view(np.uint32).astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+        keys.sort()
+        return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+    return np.argsort(magnitude.astype(np.float64, copy=False), kind="stable")
 
 
 def _row_groups(counts: np.ndarray, cols: int) -> np.ndarray:
@@ -90,13 +106,22 @@ def _fold(table: np.ndarray, groups: int, bins: int) -> np.ndarray:
 
 
 def _contexts(bins64: np.ndarray, rows: int, row_groups: np.ndarray | None, groups: int, bins: int) -> np.ndarray:
-    """Context id (``group * bins + bin``) of every entry; -1 for entries of constant rows (``G > 1``)."""
+    """Context id (``group * bins + bin``) of every entry; ``groups * bins`` for entries of constant rows."""
     b = (bins64 // (_FINEST_BINS // bins)).astype(np.int32)
     if groups == 1 or row_groups is None:
         return b
     cols = bins64.size // rows
     g = np.repeat(row_groups.astype(np.int32), cols)
-    return np.where(g < 0, -1, (g // (_FINEST_GROUPS // groups)) * bins + b)
+    return np.where(g < 0, groups * bins, (g // (_FINEST_GROUPS // groups)) * bins + b)
+
+
+def _context_states(active: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per context id (and the constant-row id last): state (0 all off, 1 all on, 2 coded, 3 row) and P(on)."""
+    state = np.full(active.size + 1, 3, dtype=np.uint8)
+    state[:-1] = np.where(active == 0, 0, np.where(active == total, 1, 2))
+    prob = np.zeros(active.size + 1)
+    prob[:-1] = active / np.maximum(total, 1)
+    return state, prob
 
 
 def _choices(rows: int | None, numel: int) -> tuple[int, ...]:
@@ -147,17 +172,39 @@ def estimate(
     return best
 
 
-def _encode_counts(coder, model, active: np.ndarray, total: np.ndarray) -> None:  # noqa: ANN001
-    """Context counts, in context order (decoded first to last): one or two Uniform symbols each."""
-    for c in range(total.size - 1, -1, -1):
-        n, k = int(total[c]), int(active[c])
+def _count_sizes(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Alphabet sizes of the count symbols, in context order, and which symbols are high halves.
+
+    A context of ``n < 2**16`` entries codes its count as one symbol of ``n + 1`` values;
+    a larger one as ``k >> 16`` (``(n >> 16) + 1`` values) then ``k & 0xFFFF`` (``2**16``);
+    an empty context codes nothing. Both ends derive this from the context sizes alone.
+    """
+    sizes: list[int] = []
+    high: list[bool] = []
+    for n in total.tolist():
         if n == 0:
             continue
         if n < _COUNT_SPLIT:
-            coder.encode_reverse(np.array([k], dtype=np.int32), model.Uniform(n + 1))
+            sizes.append(n + 1)
+            high.append(False)
         else:
-            coder.encode_reverse(np.array([k & (_COUNT_SPLIT - 1)], dtype=np.int32), model.Uniform(_COUNT_SPLIT))
-            coder.encode_reverse(np.array([k >> 16], dtype=np.int32), model.Uniform((n >> 16) + 1))
+            sizes += [(n >> 16) + 1, _COUNT_SPLIT]
+            high += [True, False]
+    return np.array(sizes, dtype=np.int32), np.array(high, dtype=np.bool_)
+
+
+def _encode_counts(coder, model, active: np.ndarray, total: np.ndarray) -> None:  # noqa: ANN001
+    """Context counts, in context order (decoded first to last), in one call (:func:`_count_sizes`)."""
+    sizes, high = _count_sizes(total)
+    if not sizes.size:
+        return
+    symbols = []
+    for n, k in zip(total.tolist(), active.tolist()):
+        if n >= _COUNT_SPLIT:
+            symbols += [k >> 16, k & (_COUNT_SPLIT - 1)]
+        elif n:
+            symbols.append(k)
+    coder.encode_reverse(np.array(symbols, dtype=np.int32), model.Uniform(), sizes)
 
 
 def encode(
@@ -187,16 +234,13 @@ def encode(
         row_groups = _row_groups(row_counts, cols)
     ctx = _contexts(bins64, rows or 1, row_groups, groups, bins)
     size = groups * bins
-    keep = ctx >= 0
-    total = np.bincount(ctx[keep], minlength=size)
-    active = np.bincount(ctx[keep], weights=flat[keep].astype(np.int64), minlength=size).astype(np.int64)
-    coded = keep.copy()
-    coded[keep] = (active[ctx[keep]] > 0) & (active[ctx[keep]] < total[ctx[keep]])
+    total = np.bincount(ctx, minlength=size + 1)[:size]
+    active = np.bincount(ctx[flat], minlength=size + 1)[:size]
+    state, prob = _context_states(active, total)
+    coded = np.flatnonzero(state[ctx] == 2)
     coder = constriction.stream.stack.AnsCoder()
-    if coded.any():
-        c = ctx[coded]
-        p = active[c] / total[c]
-        coder.encode_reverse(flat[coded].astype(np.int32), model.Bernoulli(perfect=False), p)
+    if coded.size:
+        coder.encode_reverse(flat[coded].astype(np.int32), model.Bernoulli(perfect=False), prob[ctx[coded]])
     _encode_counts(coder, model, active, total)
     if row_counts is not None:
         coder.encode_reverse(row_counts, model.Uniform(cols + 1))
@@ -237,30 +281,27 @@ def decode(payload: bytes, weights: np.ndarray, rows: int | None, where: str) ->
             flat.reshape(rows, cols)[:] = (row_counts == cols)[:, None]
         ctx = _contexts(bins64, rows or 1, row_groups, groups, bins)
         size = groups * bins
-        keep = ctx >= 0
-        total = np.bincount(ctx[keep], minlength=size)
+        total = np.bincount(ctx, minlength=size + 1)[:size]
+        sizes, high = _count_sizes(total)
+        symbols = coder.decode(model.Uniform(), sizes).astype(np.int64) if sizes.size else np.zeros(0, np.int64)
+        low = ~high
+        upper = np.zeros(int(low.sum()), dtype=np.int64)  # the high half of each count (0 for small contexts)
+        upper[np.r_[False, high[:-1]][low]] = symbols[high]
         active = np.zeros(size, dtype=np.int64)
-        for c in range(size):
-            t = int(total[c])
-            if t == 0:
-                continue
-            if t < _COUNT_SPLIT:
-                k = int(coder.decode(model.Uniform(t + 1), 1)[0])
-            else:
-                hi = int(coder.decode(model.Uniform((t >> 16) + 1), 1)[0])
-                k = (hi << 16) | int(coder.decode(model.Uniform(_COUNT_SPLIT), 1)[0])
-            if k > t:
-                raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload (context {c}: {k} active of {t})")
-            active[c] = k
-        full = keep & (active[np.maximum(ctx, 0)] == total[np.maximum(ctx, 0)])
-        flat[full] = True
-        coded = np.flatnonzero(keep & ~full & (active[np.maximum(ctx, 0)] > 0))
+        active[total > 0] = (upper << 16) | symbols[low]
+        bad = np.flatnonzero(active > total)
+        if bad.size:
+            c = int(bad[0])
+            raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload (context {c}: {active[c]} active of {total[c]})")
+        state, prob = _context_states(active, total)
+        entry_state = state[ctx]
+        flat[entry_state == 1] = True
+        coded = np.flatnonzero(entry_state == 2)
         family = model.Bernoulli(perfect=False)
         for start in range(0, coded.size, DECODE_CHUNK):
             part = coded[start : start + DECODE_CHUNK]
-            c = ctx[part]
-            flat[part] = coder.decode(family, active[c] / total[c]).astype(np.bool_)
-        got = np.bincount(ctx[keep], weights=flat[keep], minlength=size).astype(np.int64)
+            flat[part] = coder.decode(family, prob[ctx[part]]).astype(np.bool_)
+        got = np.bincount(ctx[flat], minlength=size + 1)[:size]
         if not np.array_equal(got, active):
             raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload (decoded bits disagree with the context counts)")
         if row_groups is not None and not np.array_equal(np.count_nonzero(flat.reshape(rows, -1), axis=1), row_counts):
