@@ -274,3 +274,33 @@ def test_cli_apply_inspect_compress_report_with_and_without_the_base(tmp_path, c
     assert report["bounds_bytes"] == bounds and report["ours"]["payload_bytes"] == summary["payload_bytes"]
     assert main(["compress-report", str(path), "--backbone", "resnet_tiny", "--seed", "2"]) == 2
     assert "fingerprint" in capsys.readouterr().err
+
+
+def test_pack_of_a_run_with_adapted_batchnorm_statistics_applies_on_its_base(tmp_path, capsys) -> None:
+    """Found while measuring: a run with bn='train' changed BatchNorm buffers, so `pack` recorded the
+    fingerprint of the adapted model and `apply` refused the base it came from; with masks coded given
+    the base weights even --force could not apply it. `pack` now records the base backbone's fingerprint."""
+    from safetensors.torch import save_file
+
+    weights = tiny_weights()
+    masks = magnitude_masks(weights)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = MaskConfig.preset("resnet")
+    (run / "config.json").write_text(json.dumps({"backbone": "resnet_tiny", "weights": None, "seed": BASE_SEED,
+                                                 "mask": config.to_dict()}))
+    save_file({n: torch.where(m, 1.0, -1.0) for n, m in masks.items()}, str(run / "scores.safetensors"))
+    buffers = {n: b + 0.5 if n.endswith("running_mean") else b for n, b in plain().named_buffers()}
+    save_file(buffers, str(run / "buffers.safetensors"))
+    out = tmp_path / "run.mask"
+    assert main(["pack", str(run), "-o", str(out)]) == 0
+    assert "coded given the base weights" in capsys.readouterr().out
+    assert load_mask(out).fingerprint == model_fingerprint(plain())
+    merged = tmp_path / "m.safetensors"
+    assert main(["apply", str(out), "--backbone", "resnet_tiny", "-o", str(merged)]) == 0
+    fresh = build_backbone("resnet_tiny")
+    fresh.load_state_dict(load_file(str(merged)))
+    adapted = masked_with(masks)
+    adapted.load_state_dict({**adapted.state_dict(), **buffers})
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(fresh.eval()(x), adapted.eval()(x))

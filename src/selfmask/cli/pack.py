@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         source=rebuilt.source,
         portable=args.portable,
+        fingerprint=rebuilt.fingerprint,
     )
     numel = sum(i.numel for i in infos)
     payload = sum(i.payload_bytes for i in infos)

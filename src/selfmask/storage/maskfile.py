@@ -534,6 +534,7 @@ def save_mask(
     overwrite: bool = False,
     source: Mapping[str, Any] | None = None,
     portable: bool = False,
+    fingerprint: str | None = None,
 ) -> list[MaskTensorInfo]:
     """Write the current masks of a masked ``model`` to ``path`` (atomically).
 
@@ -548,6 +549,9 @@ def save_mask(
         extra: extra trained tensors to store, e.g. ``{"weight": head.weight, "bias": head.bias}``.
         source: free-form JSON recorded with the file (e.g. the run folder).
         portable: do not code masks given the base weights.
+        fingerprint: the base fingerprint to record (default: ``model_fingerprint(model)``); pass the
+            base backbone's when training changed buffers of the model (BatchNorm statistics with
+            ``bn="train"``, stored as ``buffer.*`` extras), as :func:`~selfmask.storage.load_run` does.
 
     Returns:
         What was recorded per tensor (codec, sizes).
@@ -559,7 +563,7 @@ def save_mask(
     data, infos = encode_mask_file(
         current_masks(model),
         backbone=_backbone_name(model, backbone),
-        fingerprint=model_fingerprint(model),
+        fingerprint=fingerprint or model_fingerprint(model),
         config=config,
         extra=extra,
         source=source,
