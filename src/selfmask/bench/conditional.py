@@ -9,7 +9,8 @@ three ways, side by side in one process on one CPU thread (interleaved repeats, 
 * ``lzma9``: ``lzma`` preset 9 of the packed masks (one bit per weight), the best
   general-purpose compressor of the storage benchmark.
 
-Sizes are payloads and files in bytes and bits per masked weight, each against the
+Sizes are payloads and masks (the file without its extra tensors: header + payloads; for
+lzma-9 its output) in bytes and bits per masked weight, each against the
 per-tensor, per-channel and weight-conditioned bounds (:mod:`selfmask.storage.bounds`).
 Decoding ``conditioned`` includes binning the base weights; none of the three includes the
 fingerprint (``apply_mask`` takes it for every file).
@@ -90,6 +91,8 @@ def conditional_coding(mask: MaskFile, base: nn.Module, repeats: int = 5) -> dic
     bounds = summary["bounds_bytes"]
     payload = summary["payload_bytes"]
     portable_payload = sum(i.payload_bytes for i in portable_infos)
+    extra = summary["extra_bytes"]  # a head, BatchNorm statistics: the same in both files
+    masks_bytes = {"conditioned": len(conditioned) - extra, "portable": len(portable) - extra, "lzma9": len(xz)}
     bpw = 8 / n
     return {
         "backbone": mask.backbone,
@@ -102,14 +105,15 @@ def conditional_coding(mask: MaskFile, base: nn.Module, repeats: int = 5) -> dic
         "payload_bytes": {"conditioned": payload, "portable": portable_payload},
         "bounds_bytes": bounds,
         "payload_bits_per_weight": {"conditioned": payload * bpw, "portable": portable_payload * bpw},
-        "file_bits_per_weight": {"conditioned": len(conditioned) * bpw, "portable": len(portable) * bpw,
-                                 "lzma9": len(xz) * bpw},
+        "mask_bytes": masks_bytes,
+        "mask_bits_per_weight": {k: v * bpw for k, v in masks_bytes.items()},
         "bounds_bits_per_weight": {k: v * bpw for k, v in bounds.items()},
         "conditioned_over_per_tensor_bound": payload / bounds["per_tensor"],
         "portable_over_per_tensor_bound": portable_payload / bounds["per_tensor"],
         "conditioned_over_weight_bound": payload / bounds["weight"],
         "weight_bound_over_per_tensor_bound": bounds["weight"] / bounds["per_tensor"],
-        "conditioned_over_portable_file": len(conditioned) / len(portable),
+        "conditioned_over_portable_masks": masks_bytes["conditioned"] / masks_bytes["portable"],
+        "conditioned_over_lzma9_masks": masks_bytes["conditioned"] / masks_bytes["lzma9"],
         "encode_s": encode_s,
         "decode_s": decode_s,
         "encode_over_lzma9": {k: v / encode_s["lzma9"] for k, v in encode_s.items()},

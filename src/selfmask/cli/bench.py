@@ -114,7 +114,7 @@ _KEY_FIGURES = {
     "bank": ("switch_s", "copy_s", "switch_over_copy"),
     "knn": ("bank", "queries", "dim", "seconds", "queries_per_s"),
     "conditional": ("file", "masked_weights", "payload_bits_per_weight", "bounds_bits_per_weight",
-                    "conditioned_over_per_tensor_bound", "conditioned_over_weight_bound", "file_bytes",
+                    "conditioned_over_per_tensor_bound", "conditioned_over_weight_bound", "mask_bytes",
                     "encode_over_lzma9", "decode_over_lzma9", "encode_plus_decode_over_lzma9"),
 }
 

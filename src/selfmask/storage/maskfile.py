@@ -297,12 +297,13 @@ def _rows(shape: tuple[int, ...], all_stored: bool) -> int | None:
 
 
 def _side_weights(config: MaskConfig, name: str, shape: tuple[int, ...], weight: torch.Tensor) -> np.ndarray:
-    """The base weights of the stored entries of a tensor, flat, as float64 (exact for every float dtype)."""
+    """The base weights of the stored entries of a tensor, flat, as float32 or float64 (exactly)."""
     flat = weight.detach().to("cpu").reshape(-1)
     stored = _stored_entries(config, name, shape)
     if stored is not None:
         flat = flat[stored.reshape(-1)]
-    return flat.to(torch.float64).numpy()
+    exact32 = flat.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return flat.to(torch.float32 if exact32 else torch.float64).numpy()
 
 
 def _decode_tensor(
