@@ -304,3 +304,23 @@ def test_pack_of_a_run_with_adapted_batchnorm_statistics_applies_on_its_base(tmp
     adapted.load_state_dict({**adapted.state_dict(), **buffers})
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(fresh.eval()(x), adapted.eval()(x))
+
+
+def test_conditional_benchmark_on_a_mask_file_and_a_synthetic_mask(tmp_path, capsys) -> None:
+    """`selfmask bench --only conditional`: sizes against the bounds and lzma-9 (the times are not checked)."""
+    from selfmask.bench import conditional_coding, synthetic_mask
+
+    mask, base = synthetic_mask("resnet_tiny", "resnet", seed=BASE_SEED)
+    res = conditional_coding(mask, base, repeats=1)
+    assert res["tensors_coded_given_weights"] > 0 and res["masked_weights"] == 306_096
+    assert res["payload_bytes"]["conditioned"] < res["payload_bytes"]["portable"]
+    assert res["conditioned_over_per_tensor_bound"] < 0.9 < res["portable_over_per_tensor_bound"]
+    assert set(res["encode_s"]) == set(res["decode_s"]) == {"conditioned", "portable", "lzma9"}
+    with pytest.raises(SelfmaskError, match="fingerprint"):
+        conditional_coding(synthetic_mask("resnet_tiny", "resnet", seed=BASE_SEED)[0], plain(seed=7))
+
+    path = tmp_path / "w.mask"
+    save_mask(masked_with(magnitude_masks(tiny_weights())), path, source={"seed": BASE_SEED})
+    assert main(["bench", "--only", "conditional", "--mask", str(path), "--repeats", "1", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["conditional[0]"]
+    assert out["file"] == str(path) and out["payload_bytes"]["conditioned"] == load_mask(path).payload_bytes

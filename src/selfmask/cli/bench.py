@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         nargs="+",
         default=[],
         metavar="FILE",
-        help="mask files of the 'conditional' section (each on the base it records: backbone, weights path or seed)",
+        help="mask files of the 'conditional' section (each on the base it records: backbone, weights path or "
+        "seed); without: a synthetic ResNet-50 mask whose pruning depends on |w|",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
@@ -64,8 +65,8 @@ def run(args: argparse.Namespace) -> int:
         "bank": lambda: bench.bank_switch_time(device=args.device, repeats=args.repeats),
         "knn": lambda: bench.knn_time(device=args.device),
     }
-    if args.only and "conditional" in args.only and not args.mask:
-        raise ValueError("the 'conditional' section needs --mask FILE [FILE ...]")
+    if not args.mask:
+        sections["conditional"] = lambda: _synthetic_conditional(args.repeats)
     for i, path in enumerate(args.mask):
         sections[f"conditional[{i}]"] = lambda path=path: _conditional(path, args.repeats)
     result: dict[str, Any] = {
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             "date": time.strftime("%Y-%m-%d"),
         }
     }
-    chosen = [s for s in (args.only or SECTIONS) if s != "conditional"]
+    chosen = [s for s in (args.only or SECTIONS) if s != "conditional" or not args.mask]
     if args.mask and (args.only is None or "conditional" in args.only):
         chosen += [f"conditional[{i}]" for i in range(len(args.mask))]
     for name in chosen:
@@ -101,6 +102,13 @@ def _conditional(path: str, repeats: int) -> dict[str, Any]:
     mask = load_mask(path)
     where = argparse.Namespace(backbone=mask.backbone, weights=mask.source.get("weights"), seed=None)
     return {"file": path, **conditional_coding(mask, build_base(where, mask, path), repeats)}
+
+
+def _synthetic_conditional(repeats: int) -> dict[str, Any]:
+    from selfmask.bench import conditional_coding, synthetic_mask
+
+    mask, base = synthetic_mask()
+    return {"file": "synthetic resnet50, P(off) = 0.4 (1 - rank(|w|)/n)^3", **conditional_coding(mask, base, repeats)}
 
 
 _KEY_FIGURES = {
