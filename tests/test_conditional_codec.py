@@ -324,3 +324,16 @@ def test_conditional_benchmark_on_a_mask_file_and_a_synthetic_mask(tmp_path, cap
     assert main(["bench", "--only", "conditional", "--mask", str(path), "--repeats", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)["conditional[0]"]
     assert out["file"] == str(path) and out["payload_bytes"]["conditioned"] == load_mask(path).payload_bytes
+
+
+def test_bounds_of_one_dimensional_tensors_and_totals() -> None:
+    """Found on ResNet-50's 'resnet-authors' targets (BatchNorm vectors): a 1-D tensor is one channel."""
+    g = torch.Generator().manual_seed(4)
+    masks = {"v": torch.rand(300, generator=g) < 0.8, "m": torch.rand(6, 50, generator=g) < 0.8}
+    base = {"v": torch.randn(300, generator=g), "m": torch.randn(6, 50, generator=g)}
+    data, _ = encode_mask_file(masks, backbone="b", fingerprint="ab" * 32, config=MaskConfig(), base=base)
+    summary = decode_mask_file(data).decode_with_base(base, "ab" * 32).summary(base)
+    v = summary["tensors"][0]["bounds_bits"]
+    assert v["per_channel"] == pytest.approx(v["per_tensor"]) and v["weight"] <= v["per_tensor"]
+    assert all(x is not None for x in summary["bounds_bytes"].values())
+    assert summary["bounds_bytes"]["per_tensor"] == pytest.approx(summary["entropy_bound_bytes"])

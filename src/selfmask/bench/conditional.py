@@ -112,10 +112,10 @@ def conditional_coding(mask: MaskFile, base: nn.Module, repeats: int = 5) -> dic
         "payload_bits_per_weight": {"conditioned": payload * bpw, "portable": portable_payload * bpw},
         "mask_bytes": masks_bytes,
         "mask_bits_per_weight": {k: v * bpw for k, v in masks_bytes.items()},
-        "bounds_bits_per_weight": {k: v * bpw for k, v in bounds.items()},
+        "bounds_bits_per_weight": {k: None if v is None else v * bpw for k, v in bounds.items()},
         "conditioned_over_per_tensor_bound": payload / bounds["per_tensor"],
         "portable_over_per_tensor_bound": portable_payload / bounds["per_tensor"],
-        "conditioned_over_weight_bound": payload / bounds["weight"],
+        "conditioned_over_weight_bound": payload / bounds["weight"],  # every tensor decoded with its base: known
         "weight_bound_over_per_tensor_bound": bounds["weight"] / bounds["per_tensor"],
         "conditioned_over_portable_masks": masks_bytes["conditioned"] / masks_bytes["portable"],
         "conditioned_over_lzma9_masks": masks_bytes["conditioned"] / masks_bytes["lzma9"],

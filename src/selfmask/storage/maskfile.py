@@ -233,7 +233,8 @@ class MaskFile:
                 flat = flat[stored.reshape(-1)]
             weight = None if base is None else base.get(info.name)
             side = None if weight is None else _side_weights(self.config, info.name, info.shape, weight)
-            out.append(tensor_bounds(flat.numpy(), _rows(info.shape, stored is None), side))
+            rows = _rows(info.shape, stored is None) or (1 if stored is None else None)  # 1-D: one channel
+            out.append(tensor_bounds(flat.numpy(), rows, side))
         return out
 
     def summary(self, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
