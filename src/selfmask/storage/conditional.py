@@ -142,9 +142,8 @@ def estimate(
     n = flat.size
     if bins64 is None:
         bins64 = weight_bins(weights)
-    ones = flat.astype(np.int64)
-    total_all = np.bincount(bins64, minlength=_FINEST_BINS).astype(np.float64)
-    active_all = np.bincount(bins64, weights=ones, minlength=_FINEST_BINS)
+    total_all = np.bincount(bins64, minlength=_FINEST_BINS)
+    active_all = np.bincount(bins64[flat], minlength=_FINEST_BINS)
     best = (np.inf, 1, 1)
     param_bits = np.log2(len(BIN_CHOICES) * len(GROUP_CHOICES))
     for bins in BIN_CHOICES:
@@ -162,8 +161,8 @@ def estimate(
         keep = g >= 0
         ctx = g[keep] * _FINEST_BINS + bins64[keep]
         size = _FINEST_GROUPS * _FINEST_BINS
-        active = np.bincount(ctx, weights=ones[keep], minlength=size).reshape(_FINEST_GROUPS, _FINEST_BINS)
-        total = np.bincount(ctx, minlength=size).reshape(_FINEST_GROUPS, _FINEST_BINS).astype(np.float64)
+        active = np.bincount(ctx[flat[keep]], minlength=size).reshape(_FINEST_GROUPS, _FINEST_BINS)
+        total = np.bincount(ctx, minlength=size).reshape(_FINEST_GROUPS, _FINEST_BINS)
         row_bits = rows * np.log2(cols + 1)
         for group_count in allowed[1:]:
             for bins in BIN_CHOICES:
