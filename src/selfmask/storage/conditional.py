@@ -13,8 +13,9 @@ both ends compute from the base weights alone:
   are ranked by ``(k_i, i)`` and cut into ``G`` equal groups.
 
 Each context ``c`` (group, bin) holds ``n_c`` entries, known to both ends; its active count
-``k_c`` is coded (``Uniform(n_c + 1)``), then every entry of a context with ``0 < k_c < n_c``,
-in C order, with ``Bernoulli(k_c / n_c)``. The cost is about
+``k_c`` is coded (``Uniform(n_c + 1)``), then, context after context, every entry of a context
+with ``0 < k_c < n_c`` (in C order within it) with ``Bernoulli(k_c / n_c)``: one model per
+context, so the decoder makes one call per context and scatters the bits to their places. The cost is about
 ``sum_c n_c H(k_c / n_c) + sum_c log2(n_c + 1)`` bits (plus the row counts when ``G > 1``):
 the writer evaluates it for every ``(B, G)`` of :data:`BIN_CHOICES` x :data:`GROUP_CHOICES`
 from one table of counts and codes with the cheapest. The payload (``constriction``'s stack
@@ -51,10 +52,24 @@ def weight_bins(weights: np.ndarray, bins: int = _FINEST_BINS) -> np.ndarray:
     The rank is the position in the ascending order of ``(|w|, position)``: a definition, not an
     algorithm, so both ends compute the same bins from the same weights whatever their dtype.
     """
-    n = weights.size
+    return _ranked(weights, bins)[1]
+
+
+def _bin_starts(n: int, bins: int) -> np.ndarray:
+    """First rank of each bin (and ``n``): bin ``b`` holds the ranks ``r`` with ``r * bins // n == b``."""
+    return np.array([-(-b * n // bins) for b in range(bins + 1)], dtype=np.int64)
+
+
+def _ranked(weights: np.ndarray, bins: int = _FINEST_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """``(positions in rank order, bin of every entry)`` for :func:`weight_bins`."""
     order = _rank_order(np.abs(weights))
-    out = np.empty(n, dtype=np.uint8)
-    out[order] = (np.arange(n, dtype=np.int64) * bins // max(n, 1)).astype(np.uint8)
+    return order, _scatter_bins(order, bins)
+
+
+def _scatter_bins(order: np.ndarray, bins: int) -> np.ndarray:
+    """The bin of every entry, from the positions in rank order."""
+    out = np.empty(order.size, dtype=np.uint8)
+    out[order] = np.repeat(np.arange(bins, dtype=np.uint8), np.diff(_bin_starts(order.size, bins)))
     return out
 
 
@@ -69,9 +84,13 @@ def _rank_order(magnitude: np.ndarray) -> np.ndarray:
     narrow = magnitude.astype(np.float32, copy=False)
     exact = magnitude.dtype == np.float32 and not np.isnan(narrow).any()
     if n < 2**32 and (exact or np.array_equal(narrow, magnitude)):  # False with a NaN: the stable sort below
-        keys = (narrow.view(np.uint32).astype(np.uint64) << np.uint64(32)) | np.arange(n, dtype=np.uint64)
+        keys = narrow.view(np.uint32).astype(np.uint64)
+        keys <<= np.uint64(32)
+        keys |= np.arange(n, dtype=np.uint64)
         keys.sort()
-        return (keys & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        if np.little_endian:  # the low 32 bits of each key, without a copy
+            return keys.view(np.uint32)[0::2]
+        return (keys & np.uint64(0xFFFFFFFF)).astype(np.uint32)  # pragma: no cover - big-endian hosts
     return np.argsort(magnitude.astype(np.float64, copy=False), kind="stable")
 
 
@@ -123,6 +142,41 @@ def _context_states(active: np.ndarray, total: np.ndarray) -> tuple[np.ndarray, 
     prob = np.zeros(active.size + 1)
     prob[:-1] = active / np.maximum(total, 1)
     return state, prob
+
+
+def _by_context(ranked: np.ndarray, ctx: np.ndarray | None, bins: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Entry positions grouped by context, in rank order within each, and where each context starts.
+
+    Without channel groups (``ctx`` None) the contexts are the bins: contiguous runs of the rank
+    order already. With them, a stable sort of the 16-bit context ids taken in rank order (at
+    most ``8 * 64 + 1``: a radix sort, linear in the entries).
+    """
+    if ctx is None:
+        return ranked, _bin_starts(ranked.size, bins)
+    in_rank_order = ctx[ranked].astype(np.int16)
+    order = ranked[np.argsort(in_rank_order, kind="stable")]
+    starts = np.zeros(size + 2, dtype=np.int64)  # the constant-row context (id ``size``) last
+    np.cumsum(np.bincount(in_rank_order, minlength=size + 1), out=starts[1:])
+    return order, starts
+
+
+def _layout(
+    ranked: np.ndarray, bins64: np.ndarray | None, rows: int | None, row_counts: np.ndarray | None, groups: int,
+    bins: int,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(positions grouped by context, context starts, context count)`` of a choice of bins and groups.
+
+    ``bins64`` (:func:`weight_bins`) is needed only with channel groups (``None``: computed here).
+    """
+    size = groups * bins
+    ctx = None
+    if groups > 1:
+        assert rows is not None and row_counts is not None
+        if bins64 is None:
+            bins64 = _scatter_bins(ranked, _FINEST_BINS)
+        ctx = _contexts(bins64, rows, _row_groups(row_counts, bins64.size // rows), groups, bins)
+    order, starts = _by_context(ranked, ctx, bins, size)
+    return order, starts, size
 
 
 def _choices(rows: int | None, numel: int) -> tuple[int, ...]:
@@ -220,27 +274,26 @@ def encode(
     if weights.shape != flat.shape:
         raise SelfmaskError(f"codec {CODEC!r}: {weights.size} weights for {flat.size} mask entries")
     model = constriction.stream.model
-    bins64 = weight_bins(weights)
+    ranked, bins64 = _ranked(weights)
     bits, bins, groups = estimate(flat, weights, rows, bins64)
     if bits >= max_bits:
         return None
     n = flat.size
     row_counts = None
-    row_groups = None
     if groups > 1:
         assert rows is not None
         cols = n // rows
         row_counts = np.count_nonzero(flat.reshape(rows, cols), axis=1).astype(np.int32)
-        row_groups = _row_groups(row_counts, cols)
-    ctx = _contexts(bins64, rows or 1, row_groups, groups, bins)
-    size = groups * bins
-    total = np.bincount(ctx, minlength=size + 1)[:size]
-    active = np.bincount(ctx[flat], minlength=size + 1)[:size]
+    order, starts, size = _layout(ranked, bins64, rows, row_counts, groups, bins)
+    on = flat[order]
+    ones_before = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(on, out=ones_before[1:])
+    total = np.diff(starts)[:size]
+    active = (ones_before[starts[1:]] - ones_before[starts[:-1]])[:size]
     state, prob = _context_states(active, total)
-    coded = np.flatnonzero(state[ctx] == 2)
     coder = constriction.stream.stack.AnsCoder()
-    if coded.size:
-        coder.encode_reverse(flat[coded].astype(np.int32), model.Bernoulli(perfect=False), prob[ctx[coded]])
+    for c in np.flatnonzero(state[:-1] == 2)[::-1]:  # a stack: the last context first
+        coder.encode_reverse(on[starts[c] : starts[c + 1]].astype(np.int32), model.Bernoulli(float(prob[c]), perfect=False))
     _encode_counts(coder, model, active, total)
     if row_counts is not None:
         coder.encode_reverse(row_counts, model.Uniform(cols + 1))
@@ -268,8 +321,8 @@ def decode(payload: bytes, weights: np.ndarray, rows: int | None, where: str) ->
         if groups not in _choices(rows, n):
             raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload ({groups} channel groups for shape rows={rows})")
         flat = np.zeros(n, dtype=np.bool_)
-        bins64 = weight_bins(weights)
-        row_groups = None
+        ranked = _rank_order(np.abs(weights))  # the bins themselves only with channel groups (_layout)
+        row_counts = None
         if groups > 1:
             assert rows is not None
             cols = n // rows
@@ -277,11 +330,9 @@ def decode(payload: bytes, weights: np.ndarray, rows: int | None, where: str) ->
             uniform = model.Uniform(cols + 1)
             for start in range(0, rows, DECODE_CHUNK):
                 row_counts[start : start + DECODE_CHUNK] = coder.decode(uniform, min(DECODE_CHUNK, rows - start))
-            row_groups = _row_groups(row_counts, cols)
             flat.reshape(rows, cols)[:] = (row_counts == cols)[:, None]
-        ctx = _contexts(bins64, rows or 1, row_groups, groups, bins)
-        size = groups * bins
-        total = np.bincount(ctx, minlength=size + 1)[:size]
+        order, starts, size = _layout(ranked, None, rows, row_counts, groups, bins)
+        total = np.diff(starts)[:size]
         sizes, high = _count_sizes(total)
         symbols = coder.decode(model.Uniform(), sizes).astype(np.int64) if sizes.size else np.zeros(0, np.int64)
         low = ~high
@@ -294,17 +345,23 @@ def decode(payload: bytes, weights: np.ndarray, rows: int | None, where: str) ->
             c = int(bad[0])
             raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload (context {c}: {active[c]} active of {total[c]})")
         state, prob = _context_states(active, total)
-        entry_state = state[ctx]
-        flat[entry_state == 1] = True
-        coded = np.flatnonzero(entry_state == 2)
-        family = model.Bernoulli(perfect=False)
-        for start in range(0, coded.size, DECODE_CHUNK):
-            part = coded[start : start + DECODE_CHUNK]
-            flat[part] = coder.decode(family, prob[ctx[part]]).astype(np.bool_)
-        got = np.bincount(ctx[flat], minlength=size + 1)[:size]
-        if not np.array_equal(got, active):
-            raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload (decoded bits disagree with the context counts)")
-        if row_groups is not None and not np.array_equal(np.count_nonzero(flat.reshape(rows, -1), axis=1), row_counts):
+        for c in np.flatnonzero(state[:-1] > 0):
+            positions = order[starts[c] : starts[c + 1]]
+            if state[c] == 1:
+                flat[positions] = True
+                continue
+            bernoulli = model.Bernoulli(float(prob[c]), perfect=False)
+            got = 0
+            for start in range(0, positions.size, DECODE_CHUNK):
+                part = positions[start : start + DECODE_CHUNK]
+                bits = coder.decode(bernoulli, part.size).astype(np.bool_)
+                flat[part] = bits
+                got += int(np.count_nonzero(bits))
+            if got != active[c]:
+                raise SelfmaskError(
+                    f"{where}: corrupt {CODEC!r} payload (context {c}: decoded {got} active, the count says {active[c]})"
+                )
+        if row_counts is not None and not np.array_equal(np.count_nonzero(flat.reshape(rows, -1), axis=1), row_counts):
             raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload (decoded bits disagree with the row counts)")
     except (ValueError, RuntimeError, OverflowError) as exc:  # constriction's errors on corrupt data
         raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload ({exc})") from None
