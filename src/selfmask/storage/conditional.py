@@ -14,7 +14,7 @@ both ends compute from the base weights alone:
 
 Each context ``c`` (group, bin) holds ``n_c`` entries, known to both ends; its active count
 ``k_c`` is coded (``Uniform(n_c + 1)``), then, context after context, every entry of a context
-with ``0 < k_c < n_c`` (in C order within it) with ``Bernoulli(k_c / n_c)``: one model per
+with ``0 < k_c < n_c`` (in rank order within it) with ``Bernoulli(k_c / n_c)``: one model per
 context, so the decoder makes one call per context and scatters the bits to their places. The cost is about
 ``sum_c n_c H(k_c / n_c) + sum_c log2(n_c + 1)`` bits (plus the row counts when ``G > 1``):
 the writer evaluates it for every ``(B, G)`` of :data:`BIN_CHOICES` x :data:`GROUP_CHOICES`
