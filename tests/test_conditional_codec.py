@@ -105,6 +105,11 @@ def test_decoder_refuses_missing_weights_and_corrupt_payloads() -> None:
     for cut in (0, 4, len(payload) // 2):
         with pytest.raises(SelfmaskError):
             codecs.decode(payload[:cut], "ans-weight", m.size, k, rows=40, weights=side)
+    damaged = bytearray(payload)
+    damaged[len(payload) // 2] ^= 0x10
+    with pytest.raises(SelfmaskError) as err:
+        codecs.decode(bytes(damaged), "ans-weight", m.size, k, rows=40, weights=side, where="x.mask")
+    assert str(err.value).count("x.mask") == 1  # one message, not one wrapped in another
 
 
 def test_writer_picks_bins_and_channel_groups_by_estimate() -> None:

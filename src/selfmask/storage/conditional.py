@@ -363,6 +363,8 @@ def decode(payload: bytes, weights: np.ndarray, rows: int | None, where: str) ->
                 )
         if row_counts is not None and not np.array_equal(np.count_nonzero(flat.reshape(rows, -1), axis=1), row_counts):
             raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload (decoded bits disagree with the row counts)")
+    except SelfmaskError:
+        raise
     except (ValueError, RuntimeError, OverflowError) as exc:  # constriction's errors on corrupt data
         raise SelfmaskError(f"{where}: corrupt {CODEC!r} payload ({exc})") from None
     return flat
