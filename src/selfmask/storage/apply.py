@@ -17,6 +17,7 @@ from torch import nn
 
 from selfmask.errors import SelfmaskError
 from selfmask.fingerprint import model_fingerprint
+from selfmask.masking.layer import topk_count
 from selfmask.masking.model import current_masks, is_masked, iter_score_masks, mask_config, mask_model, merge_masks
 from selfmask.storage.maskfile import MaskFile, load_mask
 
@@ -63,6 +64,10 @@ def _scores_for(mask: torch.Tensor, mode: str, threshold: float, dtype: torch.dt
     return torch.where(mask, active, inactive)
 
 
+def _fused(config: object) -> str:
+    return "in three parts" if getattr(config, "split_fused", False) else "as one tensor"
+
+
 def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = False) -> nn.Module:
     """Set the masks of ``model`` to the stored ones, in place, and return it.
 
@@ -80,17 +85,25 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
             raise SelfmaskError(
                 f"apply_mask: the model is masked in mode {config.mode!r}, the file in {mask.config.mode!r}"
             )
+        if config.split_fused != mask.config.split_fused:
+            raise SelfmaskError(
+                f"apply_mask: the model masks fused q/k/v tensors {_fused(config)}, the file {_fused(mask.config)}; "
+                "apply the file to a plain backbone"
+            )
         targets = {name: pm.scores.shape for name, _m, _t, pm in iter_score_masks(model)}
     else:
         targets = {n: p.shape for n, p in model.named_parameters() if mask.config.matches(n)}
     check_names_and_shapes(targets, mask, "apply_mask")  # before the model is changed in any way
     if mask.config.mode == "topk":
-        for name, stored in mask.masks.items():
-            k = max(1, min(stored.numel(), round(float(mask.config.keep_ratio or 1.0) * stored.numel())))
-            if int(stored.sum()) != k:
+        for info in mask.tensors:
+            stored = mask.masks[info.name]
+            k = topk_count(stored.numel() // info.parts, float(mask.config.keep_ratio or 1.0))
+            counts = stored.reshape(info.parts, -1).sum(dim=1).tolist()
+            if counts != [k] * info.parts:
+                each = " in each of its parts" if info.parts > 1 else ""
                 raise SelfmaskError(
-                    f"apply_mask: tensor {name!r} has {int(stored.sum())} active entries; top-k with "
-                    f"keep_ratio={mask.config.keep_ratio} keeps {k}"
+                    f"apply_mask: tensor {info.name!r} has {'/'.join(map(str, counts))} active entries; top-k with "
+                    f"keep_ratio={mask.config.keep_ratio} keeps {k}{each}"
                 )
     buffers = check_buffers(model, mask, "apply_mask")
     if not is_masked(model):
