@@ -49,6 +49,11 @@ PRESETS: dict[str, str] = {
     "vit": VIT_TARGETS,
 }
 
+#: MaskConfig fields whose default changed after configs were first recorded, with the values
+#: older records meant (mask files of format version 1, run folders written before issue 17);
+#: a recorded config without such a key is read with these.
+LEGACY_DEFAULTS: dict[str, Any] = {"split_fused": False}
+
 MODES = ("threshold", "topk")
 BN_POLICIES = ("train", "eval")
 
@@ -221,4 +226,4 @@ def _compile_targets(targets: Targets) -> str:
     )
 
 
-__all__ = ["FUSED_QKV", "PRESETS", "RESNET_AUTHORS_TARGETS", "RESNET_TARGETS", "VIT_TARGETS", "MaskConfig"]
+__all__ = ["FUSED_QKV", "LEGACY_DEFAULTS", "PRESETS", "RESNET_AUTHORS_TARGETS", "RESNET_TARGETS", "VIT_TARGETS", "MaskConfig"]

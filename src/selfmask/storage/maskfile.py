@@ -33,7 +33,7 @@ from torch import nn
 
 from selfmask.errors import SelfmaskError
 from selfmask.fingerprint import model_fingerprint
-from selfmask.masking.config import MaskConfig
+from selfmask.masking.config import LEGACY_DEFAULTS, MaskConfig
 from selfmask.masking.layer import selective_trainable_mask
 from selfmask.masking.model import binary_entropy, current_masks, mask_config
 from selfmask.storage import codecs
@@ -48,7 +48,7 @@ FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
 #: For a file of an older version: the MaskConfig fields whose default changed since, as that
 #: version's code used them (an old file stores no such key), so it applies bit for bit.
-LEGACY_CONFIG: dict[int, dict[str, Any]] = {1: {"split_fused": False}}
+LEGACY_CONFIG: dict[int, dict[str, Any]] = {1: LEGACY_DEFAULTS}
 #: Default cap on the total number of mask entries a reader decodes (about one byte each in memory).
 #: A hostile file of a few hundred bytes can claim this many entries (a constant mask needs no
 #: payload), so it bounds what reading an untrusted file may allocate: 2 GiB, 24 times the largest

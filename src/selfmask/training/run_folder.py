@@ -158,6 +158,7 @@ def load_run(path: str | Path, device: str = "cpu"):
 
     from selfmask.backbones import backbone_info, create_backbone
     from selfmask.masking import MaskConfig, mask_model
+    from selfmask.masking.config import LEGACY_DEFAULTS
 
     path = Path(path)
     cfg = read_run_config(path)
@@ -166,7 +167,7 @@ def load_run(path: str | Path, device: str = "cpu"):
     backbone = create_backbone(cfg["backbone"], cfg.get("weights"), embedding)
     info = backbone_info(cfg["backbone"], embedding)
     if cfg.get("mask"):
-        mask_model(backbone, MaskConfig.from_dict(cfg["mask"]))
+        mask_model(backbone, MaskConfig.from_dict({**LEGACY_DEFAULTS, **cfg["mask"]}))  # older runs: their meaning
         load_scores_and_buffers(backbone, path)
     elif (path / "weights.safetensors").is_file():
         backbone.load_state_dict(read_safetensors(path / "weights.safetensors"))
