@@ -156,7 +156,7 @@ def test_a_model_masked_whole_refuses_a_file_masked_in_parts(tmp_path) -> None:
 
     save_mask(mask_model(_tiny(), MaskConfig.preset("vit")), tmp_path / "m.mask")
     whole = mask_model(_tiny(), MaskConfig.preset("vit", split_fused=False))
-    with pytest.raises(SelfmaskError, match="fused q/k/v tensors as one tensor, the file in three parts"):
+    with pytest.raises(SelfmaskError, match="masked with split_fused=False, the file with split_fused=True"):
         apply_mask(whole, tmp_path / "m.mask")
 
 

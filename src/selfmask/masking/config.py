@@ -52,9 +52,12 @@ PRESETS: dict[str, str] = {
 #: MaskConfig fields whose default changed after configs were first recorded, with the values
 #: older records meant (mask files of format version 1, run folders written before issue 17);
 #: a recorded config without such a key is read with these.
-LEGACY_DEFAULTS: dict[str, Any] = {"split_fused": False}
+LEGACY_DEFAULTS: dict[str, Any] = {"split_fused": False, "topk_count": "round"}
 
 MODES = ("threshold", "topk")
+#: How many of ``n`` entries a top-k mask keeps: ``"authors"``, ``n - int((1 - keep_ratio) * n)``
+#: (the paper's code); ``"round"``, ``round(keep_ratio * n)`` (selfmask before issue 17). At least one.
+TOPK_COUNTS = ("authors", "round")
 BN_POLICIES = ("train", "eval")
 
 
@@ -98,6 +101,9 @@ class MaskConfig:
             with its own ``alpha`` and, in top-k mode, its own count, as if the layer were
             three layers (the authors' Hugging Face layout, METHOD.md section 1). ``False``
             treats it as one tensor (mask files of format version 1 did).
+        topk_count: how many entries top-k keeps of ``n``: ``"authors"`` (the default,
+            ``n - int((1 - keep_ratio) * n)``, the authors' code) or ``"round"``
+            (``round(keep_ratio * n)``, mask files of format version 1).
     """
 
     targets: Targets = "resnet"
@@ -111,6 +117,7 @@ class MaskConfig:
     bn: Literal["train", "eval"] = "train"
     trainable_fraction: float = 1.0
     split_fused: bool = True
+    topk_count: Literal["authors", "round"] = "authors"
     _pattern: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -139,6 +146,8 @@ class MaskConfig:
                 f"MaskConfig.trainable_fraction={self.trainable_fraction} (selective masking) needs "
                 f"mode='threshold', got mode={self.mode!r}"
             )
+        if self.topk_count not in TOPK_COUNTS:
+            raise ValueError(f"MaskConfig.topk_count: unknown rule {self.topk_count!r}; expected one of {TOPK_COUNTS}")
         if not isinstance(self.split_fused, bool):
             raise ValueError(f"MaskConfig.split_fused must be true or false, got {self.split_fused!r}")
         if self.init_noise is not None and (not math.isfinite(self.init_noise) or self.init_noise < 0):

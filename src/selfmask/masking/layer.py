@@ -21,23 +21,33 @@ def threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return scores > threshold
 
 
-def topk_count(n: int, keep_ratio: float) -> int:
-    """Entries a top-k mask of ``n`` entries keeps: ``max(1, round(keep_ratio * n))``."""
-    return max(1, min(n, round(keep_ratio * n)))
+def topk_count(n: int, keep_ratio: float, rule: str = "authors") -> int:
+    """Entries a top-k mask of ``n`` entries keeps, at least one.
+
+    ``"authors"``: ``n - int((1 - keep_ratio) * n)``, as the paper's code (``int`` truncates the
+    count dropped); ``"round"``: ``round(keep_ratio * n)`` (mask files of format version 1).
+    """
+    if rule == "authors":
+        k = n - int((1.0 - keep_ratio) * n)
+    elif rule == "round":
+        k = round(keep_ratio * n)
+    else:
+        raise ValueError(f"topk_count: unknown rule {rule!r}")
+    return max(1, min(n, k))
 
 
-def topk_mask(scores: torch.Tensor, keep_ratio: float, parts: int = 1) -> torch.Tensor:
+def topk_mask(scores: torch.Tensor, keep_ratio: float, parts: int = 1, rule: str = "authors") -> torch.Tensor:
     """Keep the ``keep_ratio`` fraction of the largest scores (at least one entry).
 
-    Exactly ``max(1, round(keep_ratio * n))`` entries are kept; ties are broken by
-    ``torch.topk``'s (deterministic) order. With ``parts > 1`` the tensor is cut into
-    that many equal parts along dim 0 and each keeps its own count (fused q/k/v).
+    Exactly :func:`topk_count` entries are kept; ties are broken by ``torch.topk``'s
+    (deterministic) order. With ``parts > 1`` the tensor is cut into that many equal
+    parts along dim 0 and each keeps its own count (fused q/k/v).
     """
     if parts > 1:
         chunks = scores.reshape(parts, -1)
-        return torch.stack([topk_mask(chunk, keep_ratio) for chunk in chunks]).view_as(scores)
+        return torch.stack([topk_mask(chunk, keep_ratio, 1, rule) for chunk in chunks]).view_as(scores)
     n = scores.numel()
-    k = topk_count(n, keep_ratio)
+    k = topk_count(n, keep_ratio, rule)
     if k == n:
         return torch.ones_like(scores, dtype=torch.bool)
     flat = torch.zeros(n, dtype=torch.bool, device=scores.device)
@@ -179,6 +189,7 @@ class ScoreMask(nn.Module):
             no gradient. ``None`` (the default) trains every entry.
         parts: mask the tensor as this many equal parts along dim 0, each with its own
             alpha and top-k count (3 for a fused q/k/v tensor; 1, the default, for the rest).
+        topk_count: the top-k count rule (:func:`topk_count`).
     """
 
     def __init__(
@@ -196,8 +207,10 @@ class ScoreMask(nn.Module):
         dtype: torch.dtype = torch.float32,
         trainable: torch.Tensor | None = None,
         parts: int = 1,
+        topk_count: str = "authors",
     ) -> None:
         super().__init__()
+        self.topk_count = topk_count
         if parts < 1 or (parts > 1 and (not shape or shape[0] % parts)):
             raise ValueError(f"ScoreMask: cannot cut shape {list(shape)} into {parts} equal parts along dim 0")
         self.parts = int(parts)
@@ -232,7 +245,7 @@ class ScoreMask(nn.Module):
         with torch.no_grad():
             if self.mode == "topk":
                 assert self.keep_ratio is not None
-                return topk_mask(self.scores, self.keep_ratio, self.parts)
+                return topk_mask(self.scores, self.keep_ratio, self.parts, self.topk_count)
             if self._selective:
                 return threshold_mask(self.scores, self.threshold) | ~self.trainable
             return threshold_mask(self.scores, self.threshold)

@@ -64,10 +64,6 @@ def _scores_for(mask: torch.Tensor, mode: str, threshold: float, dtype: torch.dt
     return torch.where(mask, active, inactive)
 
 
-def _fused(config: object) -> str:
-    return "in three parts" if getattr(config, "split_fused", False) else "as one tensor"
-
-
 def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = False) -> nn.Module:
     """Set the masks of ``model`` to the stored ones, in place, and return it.
 
@@ -85,11 +81,13 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
             raise SelfmaskError(
                 f"apply_mask: the model is masked in mode {config.mode!r}, the file in {mask.config.mode!r}"
             )
-        if config.split_fused != mask.config.split_fused:
-            raise SelfmaskError(
-                f"apply_mask: the model masks fused q/k/v tensors {_fused(config)}, the file {_fused(mask.config)}; "
-                "apply the file to a plain backbone"
-            )
+        for key in ("split_fused", "topk_count"):  # what changes the masked weights of the same scores
+            ours, theirs = getattr(config, key), getattr(mask.config, key)
+            if ours != theirs:
+                raise SelfmaskError(
+                    f"apply_mask: the model is masked with {key}={ours!r}, the file with {key}={theirs!r}; "
+                    "apply the file to a plain backbone"
+                )
         targets = {name: pm.scores.shape for name, _m, _t, pm in iter_score_masks(model)}
     else:
         targets = {n: p.shape for n, p in model.named_parameters() if mask.config.matches(n)}
@@ -97,7 +95,7 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
     if mask.config.mode == "topk":
         for info in mask.tensors:
             stored = mask.masks[info.name]
-            k = topk_count(stored.numel() // info.parts, float(mask.config.keep_ratio or 1.0))
+            k = topk_count(stored.numel() // info.parts, float(mask.config.keep_ratio or 1.0), mask.config.topk_count)
             counts = stored.reshape(info.parts, -1).sum(dim=1).tolist()
             if counts != [k] * info.parts:
                 each = " in each of its parts" if info.parts > 1 else ""

@@ -42,7 +42,8 @@ from selfmask.storage.container import atomic_write_bytes, check_shape, parse_js
 FORMAT_NAME = "selfmask.mask"
 # --- format versions: the one place that says what each version means ----------------------------
 #: The version this code writes. 1: the first. 2: fused q/k/v tensors masked as three parts
-#: (``MaskConfig.split_fused``; the index records ``parts`` per tensor).
+#: (``MaskConfig.split_fused``; the index records ``parts`` per tensor) and the authors' top-k
+#: count (``MaskConfig.topk_count``).
 FORMAT_VERSION = 2
 #: Versions this code reads.
 READ_VERSIONS = (1, 2)
