@@ -98,3 +98,36 @@ def build_backbone(name: str, embedding: str | None = None) -> nn.Module:
     model = fn(embedding=info.embedding) if info.embeddings else fn()
     model.backbone_name = name  # type: ignore[assignment]
     return model
+
+
+def describe_backbone(name: str) -> dict[str, object]:
+    """What ``selfmask backbones`` lists for ``name``: sizes, embeddings, preset, parameters, checkpoint layouts.
+
+    The parameter count is of the backbone built on the ``meta`` device (nothing is allocated);
+    ``masked_weights`` is what the backbone's mask preset targets.
+    """
+    import torch
+
+    from selfmask.masking.config import MaskConfig
+
+    info = backbone_info(name)
+    with torch.device("meta"):
+        model = build_backbone(name)
+    params = dict(model.named_parameters())
+    preset = MaskConfig.preset(info.mask_preset)
+    masked = {n: p for n, p in params.items() if preset.matches(n)}
+    return {
+        "name": name,
+        "description": info.description,
+        "input_size": info.input_size,
+        "embed_dim": info.embed_dim,
+        "embedding": info.embedding,
+        "embeddings": dict(info.embeddings) or {info.embedding: info.embed_dim},
+        "mask_preset": info.mask_preset,
+        "parameters": sum(p.numel() for p in params.values()),
+        "masked_tensors": sum(preset.parts(n, tuple(p.shape)) for n, p in masked.items()),
+        "masked_weights": sum(p.numel() for p in masked.values()),
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "checkpoint_layouts": list(info.checkpoint_layouts),
+    }
