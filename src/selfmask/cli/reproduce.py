@@ -118,18 +118,20 @@ def run(args: argparse.Namespace) -> int:
 
     setup_logging()
     out: Path = args.out
-    plan = make_plan(
-        args.experiment, data=args.data, backbone=args.backbone, weights=args.weights, out=out,
-        dataset=args.dataset, scale_down=args.scale_down, epochs=args.epochs, budget=args.budget,
-        device=args.device, cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, progress=args.progress,
+    request = dict(
+        data=args.data, backbone=args.backbone, weights=args.weights, out=out, dataset=args.dataset,
+        scale_down=args.scale_down, epochs=args.epochs, budget=args.budget, device=args.device,
+        cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every, progress=args.progress,
     )
+    plan = make_plan(args.experiment, **request)  # a bad request: one line, before the data are read
     resolve_device(args.device)
     info = backbone_info(args.backbone)
     if args.weights is not None and not Path(args.weights).is_file():
         raise SelfmaskError(f"--weights {args.weights!r} does not exist")
-    _check_out(out, plan.settings, args.overwrite, [s.name for s in plan.steps])
     train, _test = load_data(args.data, resolution=info.input_size, cache_dir=args.cache_dir)
     check_classes(plan.dataset, train.num_classes, args.data)  # before any training
+    plan = make_plan(args.experiment, **request, train_images=len(train))
+    _check_out(out, plan.settings, args.overwrite, [s.name for s in plan.steps])
 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "reproduce.json", {**plan.settings, "status": "running"})

@@ -25,7 +25,8 @@ Recipes (METHOD.md sections 1-4; where the sources leave a detail open, the choi
 * FFT: SGD lr 0.001, momentum 0.9, weight decay 5e-4, batch 64, cosine, 150 epochs; ResNet-50
   SwAV: lr 0.15, weight decay 1e-6. CLIP uses the general FFT recipe.
 * SwAV: 500 prototypes, queue 512 from epoch 30, prototypes frozen 313 steps, 2 large + 6 small
-  crops, temperature 0.1, Sinkhorn epsilon 0.05 with 3 iterations (``SwAVConfig`` defaults).
+  crops, temperature 0.1, Sinkhorn epsilon 0.05 with 3 iterations (``SwAVConfig`` defaults);
+  on a training set of fewer than 512 images the queue holds them all.
 * low-shot: one seed; the sweep's trained methods use ``selfmask lowshot``'s step budget.
 * cascade: 5 experts, the authors' Gaussian-mixture router on a whitened 20-d PCA.
 
@@ -196,7 +197,7 @@ def _scale(recipe_epochs: int, epochs: int | None, budget: float | None) -> int:
     return max(1, round(recipe_epochs * (budget if budget is not None else 1.0)))
 
 
-def _adapt_argv(recipe: TrainRecipe, epochs: int, common: list[str], out: Path) -> list[str]:
+def _adapt_argv(recipe: TrainRecipe, epochs: int, common: list[str], out: Path, queue: int) -> list[str]:
     ratio = epochs / recipe.epochs
     argv = [
         "adapt", *common, "--out", str(out), "--method", recipe.method, "--objective", recipe.objective,
@@ -206,7 +207,7 @@ def _adapt_argv(recipe: TrainRecipe, epochs: int, common: list[str], out: Path) 
     ]
     if recipe.objective == "swav":
         argv += [
-            "--prototypes", str(SWAV_PROTOTYPES), "--queue-length", str(SWAV_QUEUE),
+            "--prototypes", str(SWAV_PROTOTYPES), "--queue-length", str(queue),
             "--queue-start-epoch", str(int(SWAV_QUEUE_START_EPOCH * ratio)),
             "--freeze-prototypes-iters", str(round(SWAV_FREEZE_PROTOTYPES_ITERS * ratio)),
         ]
@@ -228,8 +229,13 @@ def make_plan(
     cache_dir: str | None = None,
     checkpoint_every: int = 0,
     progress: bool = False,
+    train_images: int | None = None,
 ) -> Plan:
-    """The steps of ``experiment`` for ``backbone``, as ``selfmask`` argument lists."""
+    """The steps of ``experiment`` for ``backbone``, as ``selfmask`` argument lists.
+
+    ``train_images``: the training set's size when known; a SwAV queue longer than it (tiny
+    scaled-down data) is shortened to it.
+    """
     if epochs is not None and epochs < 1:
         raise SelfmaskError(f"--epochs must be >= 1, got {epochs}")
     if budget is not None and not (0 < budget <= 1):
@@ -244,11 +250,12 @@ def make_plan(
     train_flags += [] if progress else ["--no-progress"]
     plan = Plan(experiment, dataset, backbone, paper_backbone)
     epoch_of: dict[str, int] = {}
+    queue = min(SWAV_QUEUE, train_images) if train_images else SWAV_QUEUE
 
     def train(step: str) -> Step:
         recipe = RECIPES[(paper_backbone, step)]
         n = epoch_of[step] = _scale(recipe.epochs, epochs, budget)
-        argv = _adapt_argv(recipe, n, train_flags, out / step)
+        argv = _adapt_argv(recipe, n, train_flags, out / step, queue)
         return Step(step, "run", tuple(argv + (["--no-probe"] if recipe.objective == "supervised" else [])))
 
     if experiment == "table1":
@@ -278,6 +285,8 @@ def make_plan(
         "epochs": epoch_of, "recipe_epochs": {s: RECIPES[(paper_backbone, s)].epochs for s in epoch_of},
         "budget": budget, "device": device,
     }
+    if experiment != "table1":
+        plan.settings["swav_queue"] = queue
     return plan
 
 
