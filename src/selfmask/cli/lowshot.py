@@ -80,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(rows)
     plot = plot_lowshot(rows, args.out / "lowshot.png")
     out.write_json("results.json", {
-        "data": args.data, "backbone": name, "weights": weights, "smn": str(args.smn) if args.smn else None,
+        "data": args.data, "backbone": name, "embedding": info.embedding, "weights": weights,
+        "smn": str(args.smn) if args.smn else None,
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "rows": rows, "summary": summary, "plot": str(plot),
     })
