@@ -1,4 +1,4 @@
-"""Mask bits coded given the base weights (codec 'ans-weight', format version 2; issue 19).
+"""Mask bits coded given the base weights (codec 'ans-weight', format version 3; issue 19).
 
 Masks whose pruning depends on weight magnitude are built here from resnet_tiny's base
 weights: the file must be well below the per-tensor bound and close to the weight-conditioned
@@ -149,7 +149,7 @@ def test_magnitude_dependent_masks_below_per_tensor_bound_close_to_conditional_b
     assert payload < 1.03 * conditional_bound  # close to the weight-conditioned bound
     assert len(data) < len(portable) - 0.1 * per_tensor
     mf = decode_mask_file(data)
-    assert mf.version == 2 and mf.needs_base
+    assert mf.version == 3 and mf.needs_base
     mf.decode_with_base(weights, fp)
     assert not mf.needs_base and all(torch.equal(mf.masks[n], m) for n, m in masks.items())
 
@@ -264,7 +264,7 @@ def test_cli_apply_inspect_compress_report_with_and_without_the_base(tmp_path, c
     assert main(["inspect", str(path), "--backbone", "resnet_tiny", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     bounds = summary["bounds_bytes"]
-    assert summary["version"] == 2 and not summary["needs_base"]
+    assert summary["version"] == 3 and not summary["needs_base"]
     assert summary["payload_bytes"] < 0.9 * bounds["per_tensor"] and bounds["weight"] < bounds["per_channel"]
     assert all(t["bounds_bits"]["weight"] is not None for t in summary["tensors"])
     assert main(["inspect", str(path), "--backbone", "resnet_tiny"]) == 0
