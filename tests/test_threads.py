@@ -66,3 +66,15 @@ def test_threads_zero_is_one_clear_line(capsys) -> None:
     assert main(["eval", "--threads", "0"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["selfmask eval: error: --threads must be >= 1, got 0"]
+
+
+def test_thread_benchmark_times_each_count_and_restores_threads() -> None:
+    from selfmask.bench import thread_step_times
+
+    before = torch.get_num_threads()
+    out = thread_step_times(batch=2, threads=(1, 2), repeats=1, steps_per_block=1)
+    assert torch.get_num_threads() == before
+    assert out["step_s_1_threads"] > 0 and out["step_s_2_threads"] > 0 and out["1_over_1"] == 1.0
+    assert out["2_over_1"] == pytest.approx(out["step_s_2_threads"] / out["step_s_1_threads"])
+    with pytest.raises(ValueError, match="must be >= 1"):
+        thread_step_times(threads=(0,))

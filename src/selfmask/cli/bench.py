@@ -18,7 +18,7 @@ import torch
 
 from selfmask.errors import SelfmaskError
 
-SECTIONS = ("step", "fastpath", "memory", "augment", "data", "storage", "bank", "knn")
+SECTIONS = ("step", "fastpath", "memory", "augment", "data", "storage", "bank", "knn", "threads")
 # the sections of --suite gpu (selfmask.bench.suite.SECTIONS; listed here so --help needs no import)
 GPU_SECTIONS = ("parity", "step", "memory", "compile", "swav", "bank", "knn")
 
@@ -82,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
         "storage": lambda: bench.mask_file_size(),
         "bank": lambda: bench.bank_switch_time(device=args.device, repeats=args.repeats),
         "knn": lambda: bench.knn_time(device=args.device),
+        "threads": lambda: bench.thread_step_times(batch=args.batch, threads=(1, args.threads if (args.threads or 0) > 1 else 2),
+                                                   repeats=args.repeats),
     }
     result: dict[str, Any] = {
         "machine": {
