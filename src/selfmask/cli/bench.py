@@ -33,14 +33,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--suite", default="cpu", help="cpu: the sections below, one figure each (default); gpu: every GPU "
                    f"figure in one capped run (sections {', '.join(GPU_SECTIONS)}; writes --out/suite.json and "
                    "suite.md; ends within 8 minutes on one H100/H200)")
-    p.add_argument("--smoke", action="store_true", help="--suite gpu at tiny sizes on the CPU (the CI check, < 2 min)")
+    p.add_argument("--smoke", action="store_true",
+                   help="--suite gpu at tiny sizes (on the CPU unless --device cuda; the CI check, < 2 min)")
     p.add_argument("--out", type=Path, default=None, help="--suite gpu: folder for suite.json and suite.md "
                    "(default bench-gpu, or bench-gpu-smoke with --smoke)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu; cuda for --suite gpu without --smoke)")
-    p.add_argument("--backbone", default=None, help="backbone of the step benchmarks (default: resnet_tiny on CPU, "
-                   "resnet50 on CUDA)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=7, help="interleaved timing blocks (median over them)")
+    p.add_argument("--backbone", default=None, help="--suite cpu: backbone of the step benchmarks (default: "
+                   "resnet_tiny on CPU, resnet50 on CUDA)")
+    p.add_argument("--batch", type=int, default=64, help="--suite cpu: batch size (the gpu suite has its own sizes)")
+    p.add_argument("--repeats", type=int, default=7, help="--suite cpu: interleaved timing blocks (median over them)")
     p.add_argument("--only", nargs="+", default=None, metavar="SECTION", help="run only these sections")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
@@ -82,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
         "storage": lambda: bench.mask_file_size(),
         "bank": lambda: bench.bank_switch_time(device=args.device, repeats=args.repeats),
         "knn": lambda: bench.knn_time(device=args.device),
-        "threads": lambda: bench.thread_step_times(batch=args.batch, threads=(1, args.threads if (args.threads or 0) > 1 else 2),
-                                                   repeats=args.repeats),
+        "threads": lambda: bench.thread_step_times(
+            batch=args.batch, threads=(1, args.threads if (args.threads or 0) > 1 else 2), repeats=args.repeats),
     }
     result: dict[str, Any] = {
         "machine": {
