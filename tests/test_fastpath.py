@@ -119,3 +119,14 @@ def test_compile_keeps_the_per_layer_path() -> None:
         model = mask_model(build_backbone("resnet_tiny"), MaskConfig.preset("resnet"))
         speed_setup(model, TrainConfig(compile=compile_))
         assert all((pm._flat_cache is not None) == flat for _n, _m, _t, pm in iter_score_masks(model))
+
+
+def test_per_layer_masked_model_traces_into_one_graph() -> None:
+    # what --compile relies on: no graph break in the mask's forward or backward (e.g. a scalar read)
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    model = mask_model(build_backbone("resnet_tiny"), MaskConfig.preset("resnet"))
+    explanation = dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    dynamo.reset()
+    assert explanation.graph_count == 1 and not explanation.break_reasons

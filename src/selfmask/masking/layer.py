@@ -119,9 +119,10 @@ class MaskedWeight(torch.autograd.Function):
                 # sum(g*w*M) / (2 n alpha^3) = <g, out> * inv_alpha^2 / (2n), as out = w*M*inv_alpha
                 dot = torch.dot(grad_out.reshape(-1), out.reshape(-1))
                 shift = dot * (inv_alpha * inv_alpha) / (2 * out.numel())
-                if grad_out.device.type == "cpu":
+                if grad_out.device.type == "cpu" and not torch.compiler.is_compiling():
                     # g*w/alpha - shift in one pass over memory (half the time of three passes on a
-                    # CPU, where reading the scalar needs no device synchronisation)
+                    # CPU, where reading the scalar needs no device synchronisation; torch.compile
+                    # would break its graph at the read, and fuses the three passes itself)
                     grad_scores = torch.addcmul(-shift, grad_out, weight, value=float(inv_alpha))
                 else:
                     grad_scores = torch.mul(grad_out, weight).mul_(inv_alpha).sub_(shift)
