@@ -78,3 +78,19 @@ def test_thread_benchmark_times_each_count_and_restores_threads() -> None:
     assert out["2_over_1"] == pytest.approx(out["step_s_2_threads"] / out["step_s_1_threads"])
     with pytest.raises(ValueError, match="must be >= 1"):
         thread_step_times(threads=(0,))
+
+
+def test_a_command_run_inside_another_keeps_the_outer_thread_count() -> None:
+    import argparse
+
+    from selfmask.cli.common import threads_from_args
+
+    before = torch.get_num_threads()
+    want = 2 if default_threads() == 1 else 1
+    with threads_from_args(argparse.Namespace(threads=want)):  # e.g. selfmask reproduce --threads N
+        with threads_from_args(argparse.Namespace(threads=None)) as inner:  # one of its steps
+            assert inner == want and torch.get_num_threads() == want
+        with threads_from_args(argparse.Namespace(threads=3)) as explicit:
+            assert explicit == 3
+        assert torch.get_num_threads() == want
+    assert torch.get_num_threads() == before

@@ -36,16 +36,25 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class AuthorsMask(nn.Module):
-    """Parametrization ``weight * M / sqrt(mean(M))`` built from autograd operations on a float mask."""
+    """Parametrization ``weight * M / sqrt(mean(M))`` built from autograd operations on a float mask.
 
-    def __init__(self, weight: torch.Tensor, threshold: float = 0.0, init_score: float = 1.0) -> None:
+    ``parts``: a fused q/k/v tensor is three tensors in the authors' (Hugging Face) layout,
+    each with its own alpha; here each equal part along dim 0 gets its own.
+    """
+
+    def __init__(self, weight: torch.Tensor, threshold: float = 0.0, init_score: float = 1.0, parts: int = 1) -> None:
         super().__init__()
         self.threshold = float(threshold)
-        self.scores = nn.Parameter(torch.full_like(weight, init_score, dtype=torch.float32))
+        self.parts = int(parts)
+        dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32  # as selfmask's scores
+        self.scores = nn.Parameter(torch.full_like(weight, init_score, dtype=dtype))
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         mask = _StraightThrough.apply(self.scores, self.threshold)
-        return weight * mask / torch.sqrt(mask.mean())
+        if self.parts == 1:
+            return weight * mask / torch.sqrt(mask.mean())
+        m = mask.reshape(self.parts, -1)
+        return (weight.reshape(self.parts, -1) * m / torch.sqrt(m.mean(dim=1, keepdim=True))).reshape(weight.shape)
 
 
 def authors_mask_model(model: nn.Module, config: MaskConfig) -> nn.Module:
@@ -56,15 +65,23 @@ def authors_mask_model(model: nn.Module, config: MaskConfig) -> nn.Module:
     """
     if config.mode != "threshold" or not config.rescale:
         raise ValueError("authors_mask_model: only threshold-mode masks with alpha rescaling are modelled")
-    for _name, module, tensor_name in freeze_and_locate_targets(model, config):
-        mask = AuthorsMask(getattr(module, tensor_name), config.threshold, config.init_score)
+    for name, module, tensor_name in freeze_and_locate_targets(model, config):
+        weight = getattr(module, tensor_name)
+        mask = AuthorsMask(weight, config.threshold, config.init_score, config.parts(name, tuple(weight.shape)))
         parametrize.register_parametrization(module, tensor_name, mask, unsafe=True)
     return model
 
 
-def authors_scores(model: nn.Module) -> list[nn.Parameter]:
-    """The score parameters :func:`authors_mask_model` added."""
-    return [m.scores for m in model.modules() if isinstance(m, AuthorsMask)]
+def authors_scores(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The score parameters :func:`authors_mask_model` added, by the qualified name of the masked tensor."""
+    out = {}
+    for module_name, module in model.named_modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, chain in module.parametrizations.items():
+                for p in chain:
+                    if isinstance(p, AuthorsMask):
+                        out[f"{module_name}.{tensor_name}" if module_name else tensor_name] = p.scores
+    return out
 
 
 __all__ = ["AuthorsMask", "authors_mask_model", "authors_scores"]

@@ -252,7 +252,7 @@ def build_variant(
         model = model.to(memory_format=torch.channels_last)
     authors_mask_model(model, MaskConfig.preset(info.mask_preset))
     head = nn.Linear(info.embed_dim, 10).to(device)
-    opt = torch.optim.SGD([{"params": authors_scores(model), "lr": 50.0}, {"params": head.parameters(), "lr": 0.1}],
+    opt = torch.optim.SGD([{"params": list(authors_scores(model).values()), "lr": 50.0}, {"params": head.parameters(), "lr": 0.1}],
                           momentum=0.9)
     model.train()
     return _Variant(model, head, opt)

@@ -26,6 +26,12 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="local checkpoint of the backbone (.safetensors/.pt/.pth)")
 
 
+def add_embedding_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embedding", default=None, choices=("class_token", "projected"),
+                   help="CLIP ViTs: the 768-d post-LayerNorm class token (default, the paper's features) or the "
+                   "projected 512-d embedding of CLIP's encode_image")
+
+
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted k-NN (default 200)")
     p.add_argument("--knn-temperature", type=float, default=0.1, help="k-NN temperature T (default 0.1)")
@@ -33,7 +39,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 #: Commands that train or evaluate, and so take ``--threads`` (added by ``cli.main``).
-THREADED_COMMANDS = ("demo", "adapt", "eval", "pretrain", "lowshot", "cascade", "bench")
+THREADED_COMMANDS = ("demo", "adapt", "eval", "pretrain", "lowshot", "cascade", "bench", "reproduce")
 
 
 def usable_cpus() -> int:
@@ -64,24 +70,36 @@ def add_threads_arg(p: argparse.ArgumentParser) -> None:
                    f"here {default_threads()}; on a machine shared with other jobs use 1, see docs/scale.md)")
 
 
+_ACTIVE_THREADS: list[int] = []  # thread counts of the commands running now, innermost last
+
+
 @contextlib.contextmanager
 def threads_from_args(args: argparse.Namespace) -> Iterator[int | None]:
-    """Torch's thread count from ``args.threads`` (or :func:`default_threads`) while the command runs,
-    restored after (so an in-process caller such as a test keeps its own); yields the count, or
-    None for a command without the option."""
+    """Torch's thread count from ``args.threads`` while the command runs, restored after (so an
+    in-process caller such as a test keeps its own); yields the count, or None for a command
+    without the option.
+
+    Without ``--threads``: the count of the command this one runs inside (``reproduce`` runs
+    its steps as commands in the same process), else :func:`default_threads`.
+    """
     if not hasattr(args, "threads"):
         yield None
         return
-    threads = default_threads() if args.threads is None else args.threads
+    if args.threads is not None:
+        threads = args.threads
+    else:
+        threads = _ACTIVE_THREADS[-1] if _ACTIVE_THREADS else default_threads()
     if threads < 1:
         raise SelfmaskError(f"--threads must be >= 1, got {threads}")
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
+    _ACTIVE_THREADS.append(threads)
     try:
         yield threads
     finally:
+        _ACTIVE_THREADS.pop()
         torch.set_num_threads(previous)
 
 

@@ -20,6 +20,7 @@ from selfmask.cli.common import THREADED_COMMANDS, add_threads_arg, threads_from
 # Subcommand modules, in the order ``selfmask --help`` lists them.
 COMMANDS: tuple[str, ...] = (
     "demo", "adapt", "eval", "pretrain", "lowshot", "pack", "inspect", "apply", "compress-report", "bench", "cascade",
+    "backbones", "reproduce",
 )
 
 
