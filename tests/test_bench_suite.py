@@ -118,3 +118,23 @@ def test_parity_row_loads_through_our_loader_and_measures_the_error() -> None:
     assert row["relative_error"] == 0.0 and row["dropped"] == ["classification head"]
     noisy = suite.parity_row("resnet_tiny", ref, lambda m, t: m(t) * 1.01, x, "test")
     assert noisy["relative_error"] == pytest.approx(0.01 / 1.01, rel=1e-5)  # float32 rounding of the 1.01
+
+
+def test_parity_row_maps_a_timm_layout_vit_onto_ours() -> None:
+    from test_checkpoints import _to_timm
+
+    class TimmLayout(nn.Module):  # a reference whose state dict has timm's ViT names
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = build_backbone("vit_tiny_clip", "projected")
+
+        def state_dict(self, *args, **kwargs):  # type: ignore[override]
+            return _to_timm({k: v for k, v in self.inner.state_dict().items()})
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x)
+
+    torch.manual_seed(0)
+    row = suite.parity_row("vit_tiny_clip", TimmLayout(), lambda m, t: m(t), torch.randn(2, 3, 32, 32), "test",
+                           "projected")
+    assert row["relative_error"] == 0.0 and row["shape"] == [2, 128]

@@ -155,6 +155,11 @@ REFERENCES: dict[str, list[_Ref]] = {
 }
 
 
+#: The embedding the references return, where our backbone offers several (open_clip's ``visual`` and
+#: timm's CLIP ViT with ``num_classes=512`` return the projected one).
+PARITY_EMBEDDING = {"vit_b_32_clip": "projected", "vit_b_32_clip_gelu": "projected"}
+
+
 def _installed(library: str) -> bool:
     try:
         importlib.import_module(library)
@@ -196,12 +201,13 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 
 def parity_row(
     ours_name: str, reference: nn.Module, features: Callable[[nn.Module, torch.Tensor], torch.Tensor],
-    x: torch.Tensor, library: str,
+    x: torch.Tensor, library: str, embedding: str | None = None,
 ) -> dict[str, Any]:
-    """Load ``reference``'s weights into our ``ours_name`` through our loader; compare features on ``x``."""
+    """Load ``reference``'s weights into our ``ours_name`` (returning ``embedding``) through our loader;
+    compare features on ``x``."""
     device = x.device
     reference = reference.to(device).eval()
-    ours = build_backbone(ours_name).to(device).eval()
+    ours = build_backbone(ours_name, embedding).to(device).eval()
     source = f"{library} state dict"
     report = LoadReport(path=source, backbone=ours_name)
     state = strip_prefixes(dict(reference.state_dict()), set(ours.state_dict()), report)
@@ -210,7 +216,7 @@ def parity_row(
     with torch.no_grad(), _exact_float32():
         got, want = ours(x), features(reference, x)
     return {
-        "ours": ours_name, "library": library, "shape": list(got.shape), "relative_error": relative_error(got, want),
+        "ours": ours_name, "embedding": embedding or "default", "library": library, "shape": list(got.shape), "relative_error": relative_error(got, want),
         "max_abs_error": float((got.double() - want.double()).abs().max()), "dropped": sorted(report.dropped),
     }
 
@@ -229,7 +235,7 @@ def section_parity(sizes: SuiteSizes, device: torch.device, cap: _Cap) -> list[d
                 continue
             torch.manual_seed(0)
             try:
-                rows.append(parity_row(ours_name, make(), features, x, library))
+                rows.append(parity_row(ours_name, make(), features, x, library, PARITY_EMBEDDING.get(ours_name)))
             except Exception as exc:  # noqa: BLE001 - one library's failure must not hide the others' figures
                 rows.append({"ours": ours_name, "library": library, "error": f"{type(exc).__name__}: {exc}"})
     return rows
