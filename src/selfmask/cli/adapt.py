@@ -86,6 +86,8 @@ def add_swav_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-length", type=int, default=None, help="queue length, 0 = none (default 512)")
     g.add_argument("--queue-start-epoch", type=int, default=None, help="0-based epoch the queue starts (default 30)")
     g.add_argument("--freeze-prototypes-iters", type=int, default=None, help="steps with frozen prototypes (default 313)")
+    g.add_argument("--freeze-backbone-iters", type=int, default=None,
+                   help="head warm-up: steps in which only the head and prototypes learn (default 0)")
     g.add_argument("--small-crops", type=int, default=None, help="number of small crops (default 6)")
     g.add_argument("--large-crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="area fraction range of the large crops (default 0.14 1.0, the paper's)")
@@ -102,6 +104,7 @@ def _swav_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     kw = {k: v for k, v in {
         "num_prototypes": args.prototypes, "queue_length": args.queue_length,
         "queue_start_epoch": args.queue_start_epoch, "freeze_prototypes_iters": args.freeze_prototypes_iters,
+        "freeze_backbone_iters": args.freeze_backbone_iters,
     }.items() if v is not None}
     crop_kw: dict[str, Any] = {"n_small": args.small_crops} if args.small_crops is not None else {}
     if args.no_flip:
@@ -172,7 +175,8 @@ def _given(args: argparse.Namespace, name: str) -> bool:
 
 
 #: SwAV and multi-crop flags that shape training (``--online-knn-every`` only watches it).
-_SWAV_TRAINING_FLAGS = ("prototypes", "queue_length", "queue_start_epoch", "freeze_prototypes_iters", "small_crops",
+_SWAV_TRAINING_FLAGS = ("prototypes", "queue_length", "queue_start_epoch", "freeze_prototypes_iters",
+                        "freeze_backbone_iters", "small_crops",
                         "large_crop_scale", "small_crop_scale", "no_color", "no_blur")
 
 #: Flags of the SwAV objective and its multi-crop views; refused for a supervised run.
