@@ -16,8 +16,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default: runs/demo)")
     p.add_argument("--quick", action="store_true", help="reduced version for tests (< 2 minutes)")
-    p.add_argument("--full", action="store_true",
-                   help="twice the training budget of the default (the budget of the measured experiment, ~20 min)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", type=Path, default=None, help="benchmark/checkpoint cache (default ~/.cache/selfmask)")
@@ -31,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = DemoConfig(
-        out=args.out, quick=args.quick, full=args.full, seed=args.seed, device=args.device, cache_dir=args.cache_dir,
+        out=args.out, quick=args.quick, seed=args.seed, device=args.device, cache_dir=args.cache_dir,
         overwrite=args.overwrite, progress=not args.no_progress,
     )
     results = run_demo(cfg)

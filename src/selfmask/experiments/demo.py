@@ -57,7 +57,6 @@ class DemoConfig:
     smn_small_crop_scale: tuple[float, float] = (0.25, 0.5)
     smn_small_size: int = 16
     smn_color: bool = False  # no colour jitter / grayscale / blur: the 32-px views must stay matchable
-    full: bool = False  # the budget of the measured experiment (docs/swav.md) instead of the 10-minute one
     knn_k: int = 200
     knn_temperature: float = 0.1
     progress: bool = True
@@ -65,11 +64,6 @@ class DemoConfig:
 
     def __post_init__(self) -> None:
         self.out = Path(self.out)
-        if self.quick and self.full:
-            raise SelfmaskError("demo: --quick and --full exclude each other")
-        if self.full:
-            self.smn_steps, self.smn_head_warmup = 2 * self.smn_steps, 2 * self.smn_head_warmup
-            self.steps_full = 2 * self.steps_full
         if self.quick:
             self.fractions = (1.0, 0.1)
             self.pretrain_epochs = min(self.pretrain_epochs, 3)
