@@ -73,6 +73,8 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DIGITS = "0123456789"
 
 PRETRAIN_APPEARANCE = Appearance(textures=("grating", "blobs", "noise"))
+#: version 1's downstream appearance, kept for ablations (tools/smn_levers.py)
+DOWNSTREAM_APPEARANCE_V1 = Appearance(textures=("checker", "blobs", "noise"))
 #: version 2: digits in one colour scheme on a plain background, no distractor strokes. What two augmented
 #: views of one image share is then mostly the glyph, not a texture or a colour that identifies the image,
 #: so a self-supervised objective has the class-bearing content to learn from (docs/embedded.md, docs/swav.md).
@@ -136,7 +138,8 @@ def _render_pretrain(n: int, glyphs: torch.Tensor, gen: torch.Generator) -> tupl
 
 
 def _render_downstream(
-    n: int, glyphs: torch.Tensor, hand: torch.Tensor, hand_labels: torch.Tensor, gen: torch.Generator
+    n: int, glyphs: torch.Tensor, hand: torch.Tensor, hand_labels: torch.Tensor, gen: torch.Generator,
+    appearance: Appearance = DOWNSTREAM_APPEARANCE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``glyphs``: (fonts, 10, S, S) digits; ``hand``/``hand_labels``: this split's handwriting sources."""
     labels = _balanced_labels(n, len(DIGITS), gen)
@@ -149,7 +152,7 @@ def _render_downstream(
         rows = torch.nonzero(use_hand & (labels == c)).flatten()
         if len(rows):
             masks[rows] = hand[pool[(pick[rows] * len(pool)).long().clamp(max=len(pool) - 1)]]
-    return _compose_chunked(masks, DOWNSTREAM_APPEARANCE, gen), labels
+    return _compose_chunked(masks, appearance, gen), labels
 
 
 @functools.lru_cache(maxsize=2)
@@ -165,8 +168,15 @@ def _compose_chunked(masks: torch.Tensor, app: Appearance, gen: torch.Generator,
     return torch.cat([compose(masks[i : i + chunk], RESOLUTION, app, gen) for i in range(0, len(masks), chunk)])
 
 
-def build_embedded(seed: int = 0, size: str = "default") -> EmbeddedBenchmark:
-    """Build the benchmark from scratch (no cache); see the module docstring for its design."""
+def build_embedded(
+    seed: int = 0, size: str = "default", downstream_appearance: Appearance | None = None
+) -> EmbeddedBenchmark:
+    """Build the benchmark from scratch (no cache); see the module docstring for its design.
+
+    ``downstream_appearance`` replaces :data:`DOWNSTREAM_APPEARANCE` (for ablations such as
+    ``tools/smn_levers.py``: the same glyphs and poses painted another way; never cached).
+    """
+    down_app = downstream_appearance or DOWNSTREAM_APPEARANCE
     if size not in SIZES:
         raise SelfmaskError(f"unknown embedded benchmark size {size!r}; expected one of {sorted(SIZES)}")
     if not isinstance(seed, int) or seed < 0:
@@ -185,7 +195,7 @@ def build_embedded(seed: int = 0, size: str = "default") -> EmbeddedBenchmark:
                 data[split] = _render_pretrain(sizes[split], letters, gen)
             else:
                 idx = hand_split[split]
-                data[split] = _render_downstream(sizes[split], digits, hand[idx], hand_labels[idx], gen)
+                data[split] = _render_downstream(sizes[split], digits, hand[idx], hand_labels[idx], gen, down_app)
     meta: dict[str, object] = {
         "name": "embedded",
         "version": EMBEDDED_VERSION,
@@ -200,7 +210,7 @@ def build_embedded(seed: int = 0, size: str = "default") -> EmbeddedBenchmark:
         "handwritten_fraction": HANDWRITTEN_FRACTION,
         "handwritten_sources": {k: len(v) for k, v in hand_split.items()},
         "pretrain_appearance": PRETRAIN_APPEARANCE.to_dict(),
-        "downstream_appearance": DOWNSTREAM_APPEARANCE.to_dict(),
+        "downstream_appearance": down_app.to_dict(),
         "sources": "matplotlib mpl-data TrueType fonts + sklearn.datasets.load_digits (no download)",
         "build_seconds": round(time.perf_counter() - start, 3),
     }
