@@ -92,6 +92,11 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
     return low + (high - low) * torch.rand(n, generator=gen)
 
 
+COLOUR_SCHEMES = ("random", "mono")
+MONO_BACKGROUND = 0.2  # grey level of the background in the "mono" colour scheme
+MONO_GLYPH = 0.8  # grey level of the glyph in the "mono" colour scheme
+
+
 @dataclass(frozen=True)
 class Appearance:
     """How glyphs are placed and painted in one domain (ranges are sampled uniformly per image).
@@ -118,6 +123,10 @@ class Appearance:
     min_contrast: float = 0.25
     distractor_prob: float = 0.5
     colours: str = "random"
+
+    def __post_init__(self) -> None:
+        if self.colours not in COLOUR_SCHEMES:
+            raise SelfmaskError(f"Appearance.colours: unknown scheme {self.colours!r}; expected one of {COLOUR_SCHEMES}")
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -202,10 +211,6 @@ def _strokes(n: int, size: int, gen: torch.Generator) -> torch.Tensor:
     dist = (pts - (p0[:, None] + t[..., None] * d)).norm(dim=-1)
     alpha = (1 - (dist - width[:, None]) * size).clamp(0, 1)
     return alpha.view(n, 1, size, size)
-
-
-MONO_BACKGROUND = 0.2  # grey level of the background in the "mono" colour scheme
-MONO_GLYPH = 0.8  # grey level of the glyph in the "mono" colour scheme
 
 
 def compose(masks: torch.Tensor, size: int, app: Appearance, gen: torch.Generator) -> torch.Tensor:
