@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfmask.backbones.registry import build_backbone
+from selfmask.backbones.registry import backbone_info, build_backbone
 from selfmask.backbones.vit import CLIPVisionTransformer
 from selfmask.errors import SelfmaskError
 
@@ -60,6 +60,7 @@ SELECTOR_PREFIXES = {"backbone.": "non-backbone keys (heads)", "visual.": "CLIP 
 #: Heads that are not part of an embedding backbone: dropped with a note.
 HEAD_PREFIXES = {
     "fc.": "classification head",
+    "_fc.": "classification head",
     "projection_head.": "SwAV projection head",
     "prototypes.": "SwAV prototypes",
 }
@@ -373,10 +374,16 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadReport:
 def create_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
     """Build backbone ``name``; with ``weights``, load them from a local file.
 
+    Without ``weights``, a backbone whose :class:`BackboneInfo` names default weights
+    (``efficientnet_lite0``: the ImageNet checkpoint of an installed package) loads those;
+    the others keep their random initialisation (:func:`build_backbone`).
     The load report (what was unwrapped, mapped and dropped, and the weights'
     fingerprint) is attached as ``model.weights_report``.
     """
     model = build_backbone(name)
+    default = backbone_info(name).default_weights
+    if weights is None and default is not None:
+        weights = default()
     if weights is not None:
         model.weights_report = load_backbone_weights(model, weights)  # type: ignore[assignment]
     return model

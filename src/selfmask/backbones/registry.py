@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from torch import nn
 
@@ -26,6 +27,9 @@ class BackboneInfo:
     std: tuple[float, float, float]
     mask_preset: str  # the MaskConfig preset matching METHOD.md section 1
     description: str = ""
+    #: where the default (pretrained) weights are when no weights file is given: a function
+    #: returning a local path (e.g. inside an installed package), or None for random weights
+    default_weights: Callable[[], Path] | None = field(default=None, compare=False, repr=False)
 
 
 _REGISTRY: dict[str, tuple[Callable[[], nn.Module], BackboneInfo]] = {}

