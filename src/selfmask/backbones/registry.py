@@ -53,15 +53,32 @@ def list_backbones() -> list[str]:
 
 
 def backbone_info(name: str) -> BackboneInfo:
-    """Embedding size and preprocessing of backbone ``name``."""
-    if name not in _REGISTRY:
-        raise SelfmaskError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
-    return _REGISTRY[name][1]
+    """Embedding size and preprocessing of backbone ``name``.
+
+    ``name`` is a registered name or a specification of another model (``timm:NAME``,
+    ``torchvision:NAME``, ``open_clip:NAME``, ``module.path:factory``; see
+    :mod:`selfmask.backbones.external`), whose info is found by building it once.
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name][1]
+    from selfmask.backbones import external
+
+    if external.is_external(name):
+        return external.external_info(name)
+    raise SelfmaskError(
+        f"unknown backbone {name!r}; available: {', '.join(list_backbones())}; or {external.SPEC_HELP}"
+    )
 
 
 def build_backbone(name: str) -> nn.Module:
-    """A randomly initialised backbone (no weights loaded)."""
-    backbone_info(name)
-    model = _REGISTRY[name][0]()
+    """A randomly initialised backbone (no weights loaded); for a specification, its head removed."""
+    if name in _REGISTRY:
+        model = _REGISTRY[name][0]()
+    else:
+        from selfmask.backbones import external
+
+        if not external.is_external(name):
+            backbone_info(name)  # the unknown-backbone error
+        model = external.build_external(name)
     model.backbone_name = name  # type: ignore[assignment]
     return model
