@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from selfmask.backbones.efficientnet import (
+    EFFICIENTNET_LITE0_MEAN,
+    EFFICIENTNET_LITE0_STD,
+    efficientnet_lite0,
+    lite0_weights_path,
+)
 from selfmask.backbones.registry import (
     CLIP_MEAN,
     CLIP_STD,
@@ -11,12 +17,6 @@ from selfmask.backbones.registry import (
     IMAGENET_STD,
     BackboneInfo,
     register_backbone,
-)
-from selfmask.backbones.efficientnet import (
-    EFFICIENTNET_LITE0_MEAN,
-    EFFICIENTNET_LITE0_STD,
-    efficientnet_lite0,
-    lite0_weights_path,
 )
 from selfmask.backbones.resnet import BasicBlock, Bottleneck, ResNet
 from selfmask.backbones.vit import CLIPVisionTransformer
