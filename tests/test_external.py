@@ -100,8 +100,9 @@ def test_timm_model_head_removed_embedding_by_dry_forward_generic_preset(standin
     assert (info.embed_dim, info.input_size, info.mean, info.std) == (16, 32, (0.5,) * 3, (0.25,) * 3)
     config = MaskConfig(targets=info.mask_preset)
     masked = {n for n, _ in model.named_parameters() if config.matches(n)}
-    # every conv and linear weight of the body, the fused qkv included as one tensor; no BN/LN, no bias
+    # every conv and linear weight of the body, the fused qkv included; no BN/LN, no bias
     assert masked == {"stem.0.weight", "blocks.0.0.weight", "blocks.1.0.weight", "attn.qkv.weight", "attn.proj.weight"}
+    assert config.parts("attn.qkv.weight", (48, 16)) == 3  # the fused qkv is masked as q, k, v parts
     # the body is timm's: same output as timm's model without its head
     torch.manual_seed(0)
     full = timm.create_model("tiny_hybrid").eval()

@@ -15,6 +15,7 @@ from selfmask.backbones.registry import (
     BackboneInfo,
     backbone_info,
     build_backbone,
+    describe_backbone,
     list_backbones,
     register_backbone,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "backbone_info",
     "build_backbone",
     "create_backbone",
+    "describe_backbone",
     "imagenet_classifier",
     "list_backbones",
     "load_backbone_weights",

@@ -22,9 +22,10 @@ local file through the usual loader, which drops the removed head's keys with a 
 The embedding size is found by a dry forward pass of two blank images in evaluation mode
 (nothing, BatchNorm statistics included, is changed). The mask preset is
 :func:`generic_targets`: every convolution and linear weight of the body and fused attention
-input projections (``nn.MultiheadAttention.in_proj_weight``). A fused ``qkv`` weight is masked
-as one tensor: the masking core keeps one rescaling factor ``alpha`` (and, in top-k mode, one
-keep ratio) per tensor, so q, k and v share them; the mask itself is per entry either way.
+input projections (``nn.MultiheadAttention.in_proj_weight``). Fused q/k/v weights named as
+:data:`~selfmask.masking.config.FUSED_QKV` (``attn.qkv.weight``, ``attn.in_proj_weight``) are
+masked as three parts, each with its own ``alpha`` and top-k count (``MaskConfig.split_fused``,
+the default); a fused tensor under another name is masked as one tensor.
 """
 
 from __future__ import annotations

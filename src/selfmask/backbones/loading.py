@@ -375,16 +375,19 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadReport:
     return report
 
 
-def create_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
+def create_backbone(name: str, weights: str | Path | None = None, embedding: str | None = None) -> nn.Module:
     """Build backbone ``name``; with ``weights``, load them from a local file.
 
     Without ``weights``, a backbone whose :class:`BackboneInfo` names default weights
     (``efficientnet_lite0``: the ImageNet checkpoint of an installed package) loads those;
     the others keep their random initialisation (:func:`build_backbone`).
+    ``embedding`` picks the output of a backbone that offers several (CLIP ViTs:
+    ``"class_token"``, the default, or ``"projected"``); ``None`` is the backbone's default.
+
     The load report (what was unwrapped, mapped and dropped, and the weights'
     fingerprint) is attached as ``model.weights_report``.
     """
-    model = build_backbone(name)
+    model = build_backbone(name, embedding)
     if is_external(name):
         external_info(name, model)  # cache the embedding size and preset from this build (no second one)
     default = backbone_info(name).default_weights

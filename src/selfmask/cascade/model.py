@@ -41,6 +41,7 @@ from selfmask.fingerprint import model_fingerprint
 from selfmask.io import atomic_save_safetensors, atomic_write_json, read_safetensors
 from selfmask.storage import MaskBank, MaskFile, check_fingerprint, encode_mask_file, load_mask
 from selfmask.storage.container import atomic_write_bytes
+from selfmask.training.run_folder import run_embedding
 
 FORMAT_NAME = "selfmask.cascade"
 FORMAT_VERSION = 1
@@ -248,6 +249,7 @@ class Cascade:
             "backbone": root.backbone,
             "fingerprint": root.fingerprint,
             "embed_dim": self.info.embed_dim,
+            "embedding": self.info.embedding,
             "root": files[ROOT],
             "experts": [files[expert_name(g)] for g in range(self.num_experts)],
             "router": {"file": "router.safetensors", "sha256": _sha256(path / "router.safetensors"),
@@ -282,10 +284,10 @@ class Cascade:
                 weights = meta.get("weights")
             with torch.random.fork_rng(devices=[]):  # weights null: the random base of the dispatcher's seed
                 torch.manual_seed(int(meta.get("base_seed", 0)))
-                model = create_backbone(name, weights)
+                model = create_backbone(name, weights, run_embedding(manifest))
         else:
             model = backbone
-        info = backbone_info(manifest["backbone"])
+        info = backbone_info(manifest["backbone"], run_embedding(manifest))  # older manifests: the legacy one
         model.to(device)
 
         def checked(entry: dict[str, Any], what: str) -> Path:
