@@ -31,7 +31,7 @@ def _swav_step_fn(backbone: str, crops: list[torch.Tensor], device: torch.device
     torch.manual_seed(seed)
     info = backbone_info(backbone)
     model = build_backbone(backbone).to(device)
-    mask_model(model, MaskConfig.preset(info.mask_preset))
+    mask_model(model, MaskConfig(targets=info.mask_preset))
     model.train()
     obj = SwAVObjective(info.embed_dim, SwAVConfig(queue_length=0, freeze_prototypes_iters=0)).to(device)
     opt = torch.optim.SGD(
