@@ -19,8 +19,10 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/selfmask demo
 
+# one torch thread unless OMP_NUM_THREADS says otherwise: the tests' models are tiny, and on a
+# machine shared with other jobs two threads were 7.5-11x slower than one (docs/scale.md)
 test: install
-	$(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -8,9 +8,9 @@ import torch
 from conftest import make_stripes
 from selfmask.backbones import backbone_info, build_backbone
 from selfmask.masking import MaskConfig, current_masks, mask_model, mask_scores, merge_masks
-from selfmask.masking.model import disable_fast_masks, enable_fast_masks
+from selfmask.masking.model import disable_fast_masks, enable_fast_masks, iter_score_masks
 from selfmask.training.config import TrainConfig
-from selfmask.training.trainer import adapt
+from selfmask.training.trainer import adapt, speed_setup
 
 INFO = backbone_info("resnet_tiny")
 DATA = make_stripes(48, seed=0, size=16)
@@ -111,3 +111,22 @@ def test_bf16_channels_last_training_runs() -> None:
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
     assert all(s.dtype == torch.float32 for s in mask_scores(result.backbone).values())  # scores stay fp32
     assert any(not bool(m.all()) for m in current_masks(result.backbone).values())
+
+
+def test_compile_keeps_the_per_layer_path() -> None:
+    # the flat cache's lookup is keyed by a Python int per layer: torch.compile would recompile per layer
+    for compile_, flat in ((True, False), (False, True)):
+        model = mask_model(build_backbone("resnet_tiny"), MaskConfig.preset("resnet"))
+        speed_setup(model, TrainConfig(compile=compile_))
+        assert all((pm._flat_cache is not None) == flat for _n, _m, _t, pm in iter_score_masks(model))
+
+
+def test_per_layer_masked_model_traces_into_one_graph() -> None:
+    # what --compile relies on: no graph break in the mask's forward or backward (e.g. a scalar read)
+    import torch._dynamo as dynamo
+
+    torch.manual_seed(0)
+    model = mask_model(build_backbone("resnet_tiny"), MaskConfig.preset("resnet"))
+    explanation = dynamo.explain(model)(torch.randn(2, 3, 32, 32))
+    dynamo.reset()
+    assert explanation.graph_count == 1 and not explanation.break_reasons

@@ -9,35 +9,40 @@ by their medians, so a noisy machine affects both alike.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 
 from selfmask.backbones import backbone_info, build_backbone
+from selfmask.bench.timing import interleaved_medians
 from selfmask.data.multicrop import MultiCrop
 from selfmask.masking import MaskConfig, mask_model, mask_scores
+from selfmask.masking.model import enable_fast_masks
 from selfmask.objectives import SwAVConfig, SwAVObjective
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def swav_step_fn(
+    backbone: str, crops: list[torch.Tensor], device: torch.device, seed: int, masked: bool = True,
+    fast_masks: bool = False,
+) -> Callable[[], None]:
+    """A closure running one SwAV training step on ``crops`` (same-size crops batched together).
 
-
-def _swav_step_fn(backbone: str, crops: list[torch.Tensor], device: torch.device, seed: int) -> Callable[[], None]:
-    """A closure running one masked SwAV training step on ``crops`` (same-size crops batched together)."""
+    ``masked``: self-masking (the scores, lr 50); else the plain step, every backbone weight
+    trained (lr 0.01). ``fast_masks``: the one-pass mask path training uses by default.
+    """
     torch.manual_seed(seed)
     info = backbone_info(backbone)
     model = build_backbone(backbone).to(device)
-    mask_model(model, MaskConfig(targets=info.mask_preset))
+    if masked:
+        mask_model(model, MaskConfig(targets=info.mask_preset))
+        if fast_masks:
+            enable_fast_masks(model)
+        group = {"params": list(mask_scores(model).values()), "lr": 50.0, "weight_decay": 0.0}
+    else:
+        group = {"params": list(model.parameters()), "lr": 0.01}
     model.train()
     obj = SwAVObjective(info.embed_dim, SwAVConfig(queue_length=0, freeze_prototypes_iters=0)).to(device)
-    opt = torch.optim.SGD(
-        [{"params": list(mask_scores(model).values()), "lr": 50.0, "weight_decay": 0.0}, *obj.param_groups()],
-        momentum=0.9,
-    )
+    opt = torch.optim.SGD([group, *obj.param_groups()], momentum=0.9)
     batch = crops[0].shape[0]
     by_size: dict[int, list[torch.Tensor]] = {}
     for c in crops:
@@ -98,23 +103,10 @@ def augment_throughput(
             large_size, seed=seed, small_size=small_size, n_large=n_large, n_small=n_small, mean=info.mean, std=info.std
         )
         crops = multicrop(images)
-        step = _swav_step_fn(backbone, crops, dev, seed)
+        step = swav_step_fn(backbone, crops, dev, seed)
         variants: dict[str, Callable[[], object]] = {"augment": lambda: multicrop(images), "step": step}
-        for fn in variants.values():  # warm-up
-            fn()
-            fn()
-        _sync(dev)
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for r in range(repeats):
-            order = list(variants) if r % 2 == 0 else list(reversed(variants))
-            for name in order:
-                t0 = time.perf_counter()
-                for _ in range(calls_per_block):
-                    variants[name]()
-                _sync(dev)
-                times[name].append((time.perf_counter() - t0) / calls_per_block)
-        aug = statistics.median(times["augment"])
-        step_s = statistics.median(times["step"])
+        med, _ = interleaved_medians(variants, repeats, calls_per_block, dev)
+        aug, step_s = med["augment"], med["step"]
         return {
             "backbone": backbone,
             "device": device,
@@ -133,4 +125,4 @@ def augment_throughput(
         torch.set_num_threads(old_threads)
 
 
-__all__ = ["augment_throughput"]
+__all__ = ["augment_throughput", "swav_step_fn"]

@@ -11,17 +11,17 @@ size just before the first step) on the CPU, and with
 
 from __future__ import annotations
 
+import functools
 import json
-import statistics
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from selfmask.backbones import backbone_info, build_backbone
+from selfmask.bench.timing import interleaved_medians
 from selfmask.masking import MaskConfig, mask_model
 from selfmask.masking.model import enable_fast_masks
 
@@ -63,11 +63,6 @@ def _step(v: _Variant, x: torch.Tensor, y: torch.Tensor, amp: str | None = None)
         loss = nn.functional.cross_entropy(v.head(v.model(x)), y)
     loss.backward()
     v.opt.step()
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def step_time_ratio(
@@ -151,22 +146,8 @@ def _interleaved_medians(
     amp: str | None,
 ) -> dict[str, float]:
     """Median seconds per step of each variant, timed in interleaved blocks (rotating order)."""
-    dev = x.device
-    for v in variants.values():  # warm-up
-        _step(v, x, y, amp)
-        _step(v, x, y, amp)
-    _sync(dev)
-    names = list(variants)
-    times: dict[str, list[float]] = {k: [] for k in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            t0 = time.perf_counter()
-            for _ in range(steps_per_block):
-                _step(variants[name], x, y, amp)
-            _sync(dev)
-            times[name].append((time.perf_counter() - t0) / steps_per_block)
-    return {k: statistics.median(v) for k, v in times.items()}
+    fns = {k: functools.partial(_step, v, x, y, amp) for k, v in variants.items()}
+    return interleaved_medians(fns, repeats, steps_per_block, x.device)[0]
 
 
 def fast_path_step_ratios(

@@ -23,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-from selfmask.backbones import build_backbone
+from selfmask.backbones import backbone_info, build_backbone
+from selfmask.bench.timing import interleaved_medians
 from selfmask.fingerprint import model_fingerprint
 from selfmask.masking.config import MaskConfig
 from selfmask.storage.bank import MaskBank
@@ -176,7 +177,6 @@ def bank_mixed_throughput(
     one backbone + the bank (originals of the masked weights and 1 bit per weight per task)
     against ``n`` copies of the model.
     """
-    from selfmask.backbones import backbone_info
     from selfmask.storage.apply import merge_mask
 
     dev = torch.device(device)
@@ -254,8 +254,16 @@ def bank_switch_time(
     active_fraction: float = 0.923,
     repeats: int = 11,
     seed: int = 0,
+    batch: int | None = None,
+    deadline: float | None = None,
 ) -> dict[str, float | int | str]:
-    """Median MaskBank task switch / median copy of the masked weights, interleaved."""
+    """Median MaskBank task switch / median copy of the masked weights, interleaved.
+
+    With ``batch``, also inference images/s (``batch`` random images, no gradient) of a
+    stream of one task against a stream whose batches alternate between two tasks (a
+    switch before every batch), interleaved; ``deadline`` (``time.monotonic()``) cuts
+    the repeats of that part short (at least three).
+    """
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = build_backbone(backbone).to(dev)
@@ -280,7 +288,11 @@ def bank_switch_time(
         switch.append(timed(lambda i=i: bank.activate("ab"[i % 2])))
         copy.append(timed(bank.deactivate))
     switch_s, copy_s = statistics.median(switch), statistics.median(copy)
+    throughput: dict[str, float | int] = {}
+    if batch is not None:
+        throughput = _bank_images_per_s(bank, backbone, batch, dev, repeats, seed, deadline)
     return {
+        **throughput,
         "backbone": backbone,
         "device": device,
         "masked_weights": sum(s.numel() for s in shapes.values()),
@@ -291,6 +303,33 @@ def bank_switch_time(
         "original_bytes": bank.original_bytes(),
         "threads": torch.get_num_threads(),
         "repeats": repeats,
+    }
+
+
+def _bank_images_per_s(
+    bank: MaskBank, backbone: str, batch: int, device: torch.device, repeats: int, seed: int, deadline: float | None
+) -> dict[str, float | int]:
+    size = backbone_info(backbone).input_size
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+    model = bank.activate("a").eval()
+    turn = [0]
+
+    def one_task() -> None:  # the weights of whichever task is active: a forward pass costs the same
+        with torch.no_grad():
+            model(x)
+
+    def alternating() -> None:
+        turn[0] += 1
+        with torch.no_grad():
+            bank.activate("ab"[turn[0] % 2]).eval()(x)
+
+    med, done = interleaved_medians({"one": one_task, "alternating": alternating}, repeats, 2, device, deadline)
+    return {
+        "batch": batch,
+        "one_task_images_per_s": batch / med["one"],
+        "alternating_images_per_s": batch / med["alternating"],
+        "alternating_over_one_task": med["one"] / med["alternating"],
+        "throughput_repeats": done,
     }
 
 

@@ -88,11 +88,15 @@ def add_swav_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--queue-length", type=int, default=None, help="queue length, 0 = none (default 512)")
     g.add_argument("--queue-start-epoch", type=int, default=None, help="0-based epoch the queue starts (default 30)")
     g.add_argument("--freeze-prototypes-iters", type=int, default=None, help="steps with frozen prototypes (default 313)")
+    g.add_argument("--freeze-backbone-iters", type=int, default=None,
+                   help="head warm-up: steps in which only the head and prototypes learn (default 0)")
     g.add_argument("--small-crops", type=int, default=None, help="number of small crops (default 6)")
     g.add_argument("--large-crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="area fraction range of the large crops (default 0.14 1.0, the paper's)")
     g.add_argument("--small-crop-scale", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="area fraction range of the small crops (default 0.05 0.14, the paper's)")
+    g.add_argument("--small-crop-size", type=int, default=None, metavar="PX",
+                   help="side of the small crops in pixels (default: 96/224 of the input size, 14 at 32 px)")
     g.add_argument("--no-color", action="store_true", help="no colour jitter and no grayscale in the crops")
     g.add_argument("--no-blur", action="store_true", help="no Gaussian blur in the crops")
     g.add_argument("--online-knn-every", type=int, default=None, help="k-NN on a held-out tenth of the training set "
@@ -104,6 +108,7 @@ def _swav_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     kw = {k: v for k, v in {
         "num_prototypes": args.prototypes, "queue_length": args.queue_length,
         "queue_start_epoch": args.queue_start_epoch, "freeze_prototypes_iters": args.freeze_prototypes_iters,
+        "freeze_backbone_iters": args.freeze_backbone_iters,
     }.items() if v is not None}
     crop_kw: dict[str, Any] = {"n_small": args.small_crops} if args.small_crops is not None else {}
     if args.no_flip:
@@ -112,6 +117,8 @@ def _swav_overrides(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
         crop_kw["large_scale"] = tuple(args.large_crop_scale)
     if args.small_crop_scale is not None:
         crop_kw["small_scale"] = tuple(args.small_crop_scale)
+    if args.small_crop_size is not None:
+        crop_kw["small_size"] = args.small_crop_size
     if args.no_color:
         crop_kw.update(jitter_p=0.0, grayscale_p=0.0)
     if args.no_blur:
@@ -175,7 +182,8 @@ def _given(args: argparse.Namespace, name: str) -> bool:
 
 
 #: SwAV and multi-crop flags that shape training (``--online-knn-every`` only watches it).
-_SWAV_TRAINING_FLAGS = ("prototypes", "queue_length", "queue_start_epoch", "freeze_prototypes_iters", "small_crops",
+_SWAV_TRAINING_FLAGS = ("prototypes", "queue_length", "queue_start_epoch", "freeze_prototypes_iters",
+                        "freeze_backbone_iters", "small_crops", "small_crop_size",
                         "large_crop_scale", "small_crop_scale", "no_color", "no_blur")
 
 #: Flags of the SwAV objective and its multi-crop views; refused for a supervised run.

@@ -11,11 +11,16 @@ import json
 import platform
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 
-SECTIONS = ("step", "fastpath", "memory", "augment", "data", "storage", "bank", "knn")
+from selfmask.errors import SelfmaskError
+
+SECTIONS = ("step", "fastpath", "memory", "augment", "data", "storage", "bank", "knn", "threads")
+# the sections of --suite gpu (selfmask.bench.suite.SECTIONS; listed here so --help needs no import)
+GPU_SECTIONS = ("parity", "step", "memory", "swav", "bank", "knn", "compile")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,12 +30,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Benchmarks; each figure is a ratio of variants measured side by side in one run. "
         f"Sections: {', '.join(SECTIONS)}.",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--backbone", default=None, help="backbone of the step benchmarks (default: resnet_tiny on CPU, "
-                   "resnet50 on CUDA)")
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=7, help="interleaved timing blocks (median over them)")
-    p.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
+    p.add_argument("--suite", default="cpu", help="cpu: the sections below, one figure each (default); gpu: every GPU "
+                   f"figure in one capped run (sections {', '.join(GPU_SECTIONS)}; writes --out/suite.json and "
+                   "suite.md; ends within 8 minutes on one H100/H200)")
+    p.add_argument("--smoke", action="store_true",
+                   help="--suite gpu at tiny sizes (on the CPU unless --device cuda; the CI check, < 2 min)")
+    p.add_argument("--out", type=Path, default=None, help="--suite gpu: folder for suite.json and suite.md "
+                   "(default bench-gpu, or bench-gpu-smoke with --smoke)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu; cuda for --suite gpu without --smoke)")
+    p.add_argument("--backbone", default=None, help="--suite cpu: backbone of the step benchmarks (default: "
+                   "resnet_tiny on CPU, resnet50 on CUDA)")
+    p.add_argument("--batch", type=int, default=64, help="--suite cpu: batch size (the gpu suite has its own sizes)")
+    p.add_argument("--repeats", type=int, default=7, help="--suite cpu: interleaved timing blocks (median over them)")
+    p.add_argument("--only", nargs="+", default=None, metavar="SECTION", help="run only these sections")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -38,8 +50,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from selfmask import bench
 
+    if args.suite not in ("cpu", "gpu"):
+        raise SelfmaskError(f"--suite must be cpu or gpu, got {args.suite!r}")
+    known = GPU_SECTIONS if args.suite == "gpu" else SECTIONS
+    unknown = [s for s in args.only or () if s not in known]
+    if unknown:
+        raise SelfmaskError(f"--only: unknown {args.suite} section(s) {', '.join(map(repr, unknown))}; "
+                            f"sections: {', '.join(known)}")
+    if args.device is None:
+        args.device = "cuda" if args.suite == "gpu" and not args.smoke else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but torch.cuda.is_available() is False on this machine")
+        hint = " (--smoke runs the suite on the CPU)" if args.suite == "gpu" else ""
+        raise SelfmaskError(f"--device {args.device} was asked for, but torch.cuda.is_available() is False on this "
+                            f"machine{hint}")
+    if args.smoke and args.suite != "gpu":
+        raise SelfmaskError("--smoke applies to --suite gpu only")
+    if args.suite == "gpu":
+        return _run_gpu_suite(args)
     if args.batch < 1 or args.repeats < 1:
         raise ValueError(f"--batch and --repeats must be >= 1, got {args.batch} and {args.repeats}")
     cuda = args.device.startswith("cuda")
@@ -59,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
             "mixed": bench.bank_mixed_throughput(backbone, device=args.device, batch=args.batch, repeats=args.repeats),
         },
         "knn": lambda: bench.knn_time(device=args.device),
+        "threads": lambda: bench.thread_step_times(
+            batch=args.batch, threads=(1, args.threads if (args.threads or 0) > 1 else 2), repeats=args.repeats),
     }
     result: dict[str, Any] = {
         "machine": {
@@ -79,6 +108,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _run_gpu_suite(args: argparse.Namespace) -> int:
+    from selfmask.bench.suite import FULL, SMOKE, run_suite
+
+    out = args.out or Path("bench-gpu-smoke" if args.smoke else "bench-gpu")
+    result = run_suite(SMOKE if args.smoke else FULL, args.device, args.only or GPU_SECTIONS, out=out, smoke=args.smoke,
+                       echo=lambda line: print(line, flush=True))
+    failed = [s for s in result["sections"] if "error" in result[s]]
+    print(f"wrote {out / 'suite.json'} and {out / 'suite.md'}" + (f"; failed sections: {', '.join(failed)}" if failed
+                                                                   else ""))
+    return 1 if failed else 0
 
 
 _KEY_FIGURES = {

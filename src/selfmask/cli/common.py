@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,71 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted k-NN (default 200)")
     p.add_argument("--knn-temperature", type=float, default=0.1, help="k-NN temperature T (default 0.1)")
     p.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+
+
+#: Commands that train or evaluate, and so take ``--threads`` (added by ``cli.main``).
+THREADED_COMMANDS = ("demo", "adapt", "eval", "pretrain", "lowshot", "cascade", "bench", "reproduce")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under ``taskset`` or a container quota)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads(environ: Mapping[str, str] | None = None, cpus: int | None = None) -> int:
+    """Torch threads when ``--threads`` is not given: ``OMP_NUM_THREADS`` if set to a positive
+    integer (its first entry, as OpenMP reads a list), else the CPUs the process may use.
+
+    Never the machine's load: thread counts change float sums, so a run must not depend
+    on what else happens to be running (docs/scale.md has the measured advice for busy
+    machines: ``--threads 1``).
+    """
+    env = (os.environ if environ is None else environ).get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    return usable_cpus() if cpus is None else cpus
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: OMP_NUM_THREADS if set, else the CPUs this process may use, "
+                   f"here {default_threads()}; on a machine shared with other jobs use 1, see docs/scale.md)")
+
+
+_ACTIVE_THREADS: list[int] = []  # thread counts of the commands running now, innermost last
+
+
+@contextlib.contextmanager
+def threads_from_args(args: argparse.Namespace) -> Iterator[int | None]:
+    """Torch's thread count from ``args.threads`` while the command runs, restored after (so an
+    in-process caller such as a test keeps its own); yields the count, or None for a command
+    without the option.
+
+    Without ``--threads``: the count of the command this one runs inside (``reproduce`` runs
+    its steps as commands in the same process), else :func:`default_threads`.
+    """
+    if not hasattr(args, "threads"):
+        yield None
+        return
+    if args.threads is not None:
+        threads = args.threads
+    else:
+        threads = _ACTIVE_THREADS[-1] if _ACTIVE_THREADS else default_threads()
+    if threads < 1:
+        raise SelfmaskError(f"--threads must be >= 1, got {threads}")
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    _ACTIVE_THREADS.append(threads)
+    try:
+        yield threads
+    finally:
+        _ACTIVE_THREADS.pop()
+        torch.set_num_threads(previous)
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -3,7 +3,9 @@
 Each command module defines ``register(subparsers)``, which adds its parser and
 sets ``func`` (taking the parsed namespace, returning an exit code). User errors
 (:class:`~selfmask.errors.SelfmaskError`, ``ValueError``, missing files) print one
-clear line and exit 2; Ctrl-C exits 130.
+clear line and exit 2; Ctrl-C exits 130. Commands that train or evaluate
+(``cli.common.THREADED_COMMANDS``) get ``--threads`` here, in one place, and the
+thread count is set before the command runs.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+
+from selfmask.cli.common import THREADED_COMMANDS, add_threads_arg, threads_from_args
 
 # Subcommand modules, in the order ``selfmask --help`` lists them.
 COMMANDS: tuple[str, ...] = (
@@ -31,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"selfmask.cli.{name.replace('-', '_')}").register(sub)
+        if name in THREADED_COMMANDS:
+            add_threads_arg(sub.choices[name])
     return parser
 
 
@@ -41,7 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return int(args.func(args) or 0)
+        with threads_from_args(args):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("selfmask: interrupted", file=sys.stderr)
         return 130

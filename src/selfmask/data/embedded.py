@@ -9,13 +9,15 @@ Two domains, each with a train and a test split, 32 x 32 RGB, deterministic from
   digits (the source images are split between train and test, so no handwriting sample is
   seen in both), half rendered in 8 slanted fonts that the pretrain domain never uses
   (DejaVu obliques and italics, STIX italics, Computer Modern italic and math italic, whose
-  digits are old-style). The backgrounds add checkerboards, a texture the pretrain domain
-  never shows.
+  digits are old-style). Version 2 paints every digit in one colour scheme (a light grey glyph
+  on a plain dark grey background, no distractor stroke), so that two augmented views of an image
+  share mainly the glyph; version 1's random textures and colours identified each image and gave a
+  self-supervised objective a shortcut (docs/embedded.md).
 
-Every image places its glyph with a random rotation, scale, shear and shift, paints it in a
-random colour over a random textured background, and half the images get a distractor
-stroke, so raw pixels carry little class information and features matter (measured numbers
-in ``docs/embedded.md``). The four splits are cached in one safetensors file keyed by
+The pretraining images place each glyph with a random rotation, scale, shear and shift, paint it in
+a random colour over a random textured background, and half of them get a distractor stroke, so
+raw pixels carry little class information and features matter; downstream images keep the random
+pose (measured numbers in ``docs/embedded.md``). The four splits are cached in one safetensors file keyed by
 the size variant, the seed and :data:`EMBEDDED_VERSION`.
 """
 
@@ -37,7 +39,10 @@ from selfmask.data.base import ImageTensorDataset
 from selfmask.data.render import Appearance, compose, handwritten_digit_masks, render_glyph_masks
 from selfmask.errors import SelfmaskError
 
-EMBEDDED_VERSION = "1"  # bump whenever a change alters any pixel, so stale caches are never read
+EMBEDDED_VERSION = "2"  # bump whenever a change alters any pixel, so stale caches are never read
+#: the random streams are keyed by this, not by the version, so version 2 draws exactly what version 1 drew:
+#: the pretraining splits are bit-identical to version 1's, the downstream splits the same glyphs and poses.
+_STREAM_VERSION = "1"
 RESOLUTION = 32
 
 PRETRAIN_FONTS = (
@@ -68,7 +73,12 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 DIGITS = "0123456789"
 
 PRETRAIN_APPEARANCE = Appearance(textures=("grating", "blobs", "noise"))
-DOWNSTREAM_APPEARANCE = Appearance(textures=("checker", "blobs", "noise"))
+#: version 1's downstream appearance, kept for ablations (tools/smn_levers.py)
+DOWNSTREAM_APPEARANCE_V1 = Appearance(textures=("checker", "blobs", "noise"))
+#: version 2: digits in one colour scheme on a plain background, no distractor strokes. What two augmented
+#: views of one image share is then mostly the glyph, not a texture or a colour that identifies the image,
+#: so a self-supervised objective has the class-bearing content to learn from (docs/embedded.md, docs/swav.md).
+DOWNSTREAM_APPEARANCE = Appearance(textures=("flat",), distractor_prob=0.0, colours="mono")
 HANDWRITTEN_FRACTION = 0.5  # share of downstream images drawn from scikit-learn's handwritten digits
 HANDWRITTEN_TRAIN_FRACTION = 2 / 3  # share of the 1,797 handwriting sources reserved for the train split
 
@@ -109,7 +119,7 @@ def cache_path(seed: int, size: str, cache_dir: str | Path | None = None) -> Pat
 
 def _generator(seed: int, split: str) -> torch.Generator:
     """An independent, reproducible random stream per (seed, split)."""
-    digest = hashlib.sha256(f"selfmask-embedded-v{EMBEDDED_VERSION}:{seed}:{split}".encode()).digest()
+    digest = hashlib.sha256(f"selfmask-embedded-v{_STREAM_VERSION}:{seed}:{split}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
@@ -128,7 +138,8 @@ def _render_pretrain(n: int, glyphs: torch.Tensor, gen: torch.Generator) -> tupl
 
 
 def _render_downstream(
-    n: int, glyphs: torch.Tensor, hand: torch.Tensor, hand_labels: torch.Tensor, gen: torch.Generator
+    n: int, glyphs: torch.Tensor, hand: torch.Tensor, hand_labels: torch.Tensor, gen: torch.Generator,
+    appearance: Appearance = DOWNSTREAM_APPEARANCE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``glyphs``: (fonts, 10, S, S) digits; ``hand``/``hand_labels``: this split's handwriting sources."""
     labels = _balanced_labels(n, len(DIGITS), gen)
@@ -141,7 +152,7 @@ def _render_downstream(
         rows = torch.nonzero(use_hand & (labels == c)).flatten()
         if len(rows):
             masks[rows] = hand[pool[(pick[rows] * len(pool)).long().clamp(max=len(pool) - 1)]]
-    return _compose_chunked(masks, DOWNSTREAM_APPEARANCE, gen), labels
+    return _compose_chunked(masks, appearance, gen), labels
 
 
 @functools.lru_cache(maxsize=2)
@@ -157,8 +168,15 @@ def _compose_chunked(masks: torch.Tensor, app: Appearance, gen: torch.Generator,
     return torch.cat([compose(masks[i : i + chunk], RESOLUTION, app, gen) for i in range(0, len(masks), chunk)])
 
 
-def build_embedded(seed: int = 0, size: str = "default") -> EmbeddedBenchmark:
-    """Build the benchmark from scratch (no cache); see the module docstring for its design."""
+def build_embedded(
+    seed: int = 0, size: str = "default", downstream_appearance: Appearance | None = None
+) -> EmbeddedBenchmark:
+    """Build the benchmark from scratch (no cache); see the module docstring for its design.
+
+    ``downstream_appearance`` replaces :data:`DOWNSTREAM_APPEARANCE` (for ablations such as
+    ``tools/smn_levers.py``: the same glyphs and poses painted another way; never cached).
+    """
+    down_app = downstream_appearance or DOWNSTREAM_APPEARANCE
     if size not in SIZES:
         raise SelfmaskError(f"unknown embedded benchmark size {size!r}; expected one of {sorted(SIZES)}")
     if not isinstance(seed, int) or seed < 0:
@@ -177,7 +195,7 @@ def build_embedded(seed: int = 0, size: str = "default") -> EmbeddedBenchmark:
                 data[split] = _render_pretrain(sizes[split], letters, gen)
             else:
                 idx = hand_split[split]
-                data[split] = _render_downstream(sizes[split], digits, hand[idx], hand_labels[idx], gen)
+                data[split] = _render_downstream(sizes[split], digits, hand[idx], hand_labels[idx], gen, down_app)
     meta: dict[str, object] = {
         "name": "embedded",
         "version": EMBEDDED_VERSION,
@@ -192,7 +210,7 @@ def build_embedded(seed: int = 0, size: str = "default") -> EmbeddedBenchmark:
         "handwritten_fraction": HANDWRITTEN_FRACTION,
         "handwritten_sources": {k: len(v) for k, v in hand_split.items()},
         "pretrain_appearance": PRETRAIN_APPEARANCE.to_dict(),
-        "downstream_appearance": DOWNSTREAM_APPEARANCE.to_dict(),
+        "downstream_appearance": down_app.to_dict(),
         "sources": "matplotlib mpl-data TrueType fonts + sklearn.datasets.load_digits (no download)",
         "build_seconds": round(time.perf_counter() - start, 3),
     }

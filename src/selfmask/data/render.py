@@ -92,6 +92,11 @@ def _uniform(n: int, low: float, high: float, gen: torch.Generator) -> torch.Ten
     return low + (high - low) * torch.rand(n, generator=gen)
 
 
+COLOUR_SCHEMES = ("random", "mono")
+MONO_BACKGROUND = 0.2  # grey level of the background in the "mono" colour scheme
+MONO_GLYPH = 0.8  # grey level of the glyph in the "mono" colour scheme
+
+
 @dataclass(frozen=True)
 class Appearance:
     """How glyphs are placed and painted in one domain (ranges are sampled uniformly per image).
@@ -101,9 +106,13 @@ class Appearance:
         scale: range of the glyph's size relative to the image side.
         shear: maximum absolute shear (x offset per unit y).
         max_shift: maximum centre offset as a fraction of the image side (clamped so the glyph stays inside).
-        textures: background texture kinds drawn from, any of ``"grating"``, ``"blobs"``, ``"checker"``, ``"noise"``.
+        textures: background texture kinds drawn from, any of ``"grating"``, ``"blobs"``, ``"checker"``, ``"noise"``,
+            ``"flat"`` (a plain colour with pixel grain).
         min_contrast: minimum luminance gap between glyph colour and background mean, in [0, 1].
         distractor_prob: probability of one extra random stroke (a thick line segment) per image.
+        colours: ``"random"`` (a random glyph colour over a random background colour per image) or
+            ``"mono"`` (every image: a light grey glyph over a dark grey background, so colour carries
+            nothing that tells one image from another).
     """
 
     rotation_deg: float = 25.0
@@ -113,6 +122,11 @@ class Appearance:
     textures: tuple[str, ...] = ("grating", "blobs", "noise")
     min_contrast: float = 0.25
     distractor_prob: float = 0.5
+    colours: str = "random"
+
+    def __post_init__(self) -> None:
+        if self.colours not in COLOUR_SCHEMES:
+            raise SelfmaskError(f"Appearance.colours: unknown scheme {self.colours!r}; expected one of {COLOUR_SCHEMES}")
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -123,6 +137,7 @@ class Appearance:
             "textures": list(self.textures),
             "min_contrast": self.min_contrast,
             "distractor_prob": self.distractor_prob,
+            "colours": self.colours,
         }
 
 
@@ -155,7 +170,7 @@ def _luminance(rgb: torch.Tensor) -> torch.Tensor:
 
 def textures(n: int, size: int, kinds: tuple[str, ...], gen: torch.Generator) -> torch.Tensor:
     """Random coloured backgrounds ``(n, 3, size, size)`` in [0, 1], one kind per image from ``kinds``."""
-    known = ("grating", "blobs", "checker", "noise")
+    known = ("grating", "blobs", "checker", "noise", "flat")
     for k in kinds:
         if k not in known:
             raise SelfmaskError(f"unknown texture kind {k!r}; expected one of {known}")
@@ -176,7 +191,7 @@ def textures(n: int, size: int, kinds: tuple[str, ...], gen: torch.Generator) ->
     cells = torch.randint(2, 7, (n,), generator=gen).view(n, 1, 1).float()
     checker = torch.remainder(torch.floor(xs * cells + phase) + torch.floor(ys * cells), 2) * 2 - 1
     noise = F.avg_pool2d(torch.randn(n, 1, size, size, generator=gen), 3, 1, 1)[:, 0] * 2
-    stack = torch.stack([grating, blobs, checker, noise], 1)
+    stack = torch.stack([grating, blobs, checker, noise, torch.zeros_like(noise)], 1)
     choice = torch.tensor([known.index(k) for k in kinds])[torch.randint(len(kinds), (n,), generator=gen)]
     pattern = stack[torch.arange(n), choice]
     bg = base + amp * tint * pattern[:, None]
@@ -211,6 +226,9 @@ def compose(masks: torch.Tensor, size: int, app: Appearance, gen: torch.Generato
     direction = torch.where(gap.abs() < 1e-3, torch.where(bg_lum < 0.5, 1.0, -1.0), gap.sign())
     need = (app.min_contrast - gap.abs()).clamp(min=0)
     fg = (fg + (direction * need)).clamp(0, 1)
+    if app.colours == "mono":  # same draws as "random", so the rest of the random stream is unchanged
+        bg = (bg - bg.mean((2, 3), keepdim=True) + MONO_BACKGROUND).clamp(0, 1)
+        fg = torch.full_like(fg, MONO_GLYPH)
     fg_tex = 1 + 0.15 * (torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * textures(n, size, ("blobs",), gen)
     img = bg * (1 - alpha) + (fg * fg_tex).clamp(0, 1) * alpha
     stroke = _strokes(n, size, gen) * (torch.rand(n, 1, 1, 1, generator=gen) < app.distractor_prob)

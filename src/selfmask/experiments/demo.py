@@ -46,8 +46,17 @@ class DemoConfig:
     min_steps: int = 100
     warmup_fraction: float = 40 / 150  # the paper's 40 warm-up epochs of 150 (supervised)
     topk_keep_ratio: float = 0.9
-    smn_steps: int = 400  # SwAV optimisation steps of the self-masking network
+    #: the self-masking network's recipe on the embedded benchmark (docs/swav.md, "What makes the SMN help"):
+    #: SwAV optimisation steps, of which the first ``smn_head_warmup`` train only the head and prototypes
+    smn_steps: int = 552
+    smn_head_warmup: int = 138
     smn_prototypes: int = 100
+    smn_lr: float = 1.0  # score learning rate (the paper's 50 switches off weights the digits need within an epoch)
+    smn_bn: str = "eval"  # BatchNorm statistics frozen (the paper's best setting)
+    smn_large_crop_scale: tuple[float, float] = (0.6, 1.0)
+    smn_small_crop_scale: tuple[float, float] = (0.25, 0.5)
+    smn_small_size: int = 16
+    smn_color: bool = False  # no colour jitter / grayscale / blur: the 32-px views must stay matchable
     knn_k: int = 200
     knn_temperature: float = 0.1
     progress: bool = True
@@ -61,6 +70,7 @@ class DemoConfig:
             self.steps_full = min(self.steps_full, 40)
             self.min_steps = min(self.min_steps, 20)
             self.smn_steps = min(self.smn_steps, 30)
+            self.smn_head_warmup = min(self.smn_head_warmup, 10)
         for f in self.fractions:
             if not (0.0 < f <= 1.0):
                 raise SelfmaskError(f"label fraction must be in (0, 1], got {f}")
@@ -103,9 +113,15 @@ def train_smn(cfg: DemoConfig, info: Any, ckpt: Path, train: Any) -> tuple[Path,
         queue_length=0 if cfg.quick else min(512, len(train) // 2),
         queue_start_epoch=max(1, round(0.2 * epochs)),  # the paper: epoch 30 of 150
         freeze_prototypes_iters=max(1, cfg.smn_steps // 20),
+        freeze_backbone_iters=cfg.smn_head_warmup,
     )
-    tcfg = TrainConfig(method="mask", objective="swav", epochs=epochs, seed=cfg.seed, device=cfg.device, flip=False)
-    crops = MultiCrop.for_input_size(info.input_size, seed=cfg.seed, mean=info.mean, std=info.std, flip_p=0.0)
+    tcfg = TrainConfig(method="mask", objective="swav", epochs=epochs, seed=cfg.seed, device=cfg.device, flip=False,
+                       lr=cfg.smn_lr, bn=cfg.smn_bn)
+    colour = {} if cfg.smn_color else {"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}
+    crops = MultiCrop.for_input_size(
+        info.input_size, seed=cfg.seed, mean=info.mean, std=info.std, flip_p=0.0, large_scale=cfg.smn_large_crop_scale,
+        small_scale=cfg.smn_small_crop_scale, small_size=cfg.smn_small_size, **colour,
+    )
     run_dir = cfg.out / "runs" / "smn"
     result = adapt_swav(
         create_backbone(cfg.backbone, ckpt), info, train, tcfg, swav, crops=crops,

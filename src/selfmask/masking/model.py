@@ -89,6 +89,23 @@ def _raise_no_match(
     )
 
 
+def freeze_and_locate_targets(model: nn.Module, config: MaskConfig) -> list[tuple[str, nn.Module, str]]:
+    """Freeze every parameter of ``model``; ``(qualified name, host module, tensor name)`` of each target.
+
+    Raises:
+        ValueError: as :func:`mask_model`, for targets that match nothing or name a non-float tensor.
+    """
+    names = _resolve_targets(model, config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    modules = dict(model.named_modules())
+    out = []
+    for name in names:
+        module_name, _, tensor_name = name.rpartition(".")
+        out.append((name, modules[module_name], tensor_name))
+    return out
+
+
 def mask_model(model: nn.Module, config: MaskConfig | None = None) -> nn.Module:
     """Mask the parameters of ``model`` that ``config.targets`` names, in place.
 
@@ -113,14 +130,8 @@ def mask_model(model: nn.Module, config: MaskConfig | None = None) -> nn.Module:
             f"mask_model: the model is already masked (e.g. {first!r}); "
             "call merge_masks(model) first or mask a fresh model"
         )
-    names = _resolve_targets(model, config)
     generator = torch.Generator().manual_seed(config.seed)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    modules = dict(model.named_modules())
-    for name in names:
-        module_name, _, tensor_name = name.rpartition(".")
-        module = modules[module_name]
+    for name, module, tensor_name in freeze_and_locate_targets(model, config):
         weight = getattr(module, tensor_name)
         score_dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
         pm = ScoreMask(

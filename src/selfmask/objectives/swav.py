@@ -51,6 +51,11 @@ class SwAVConfig:
         freeze_prototypes_iters: the prototypes receive no gradient for this many
             iterations from the start (313, SwAV's public code: one ImageNet epoch at
             batch 4096); the paper only says "the first iterations".
+        freeze_backbone_iters: the backbone (its masks, or its weights in a full fine-tuning
+            run) receives no gradient for this many iterations from the start, so the fresh
+            head and prototypes first learn on the pretrained features (a head warm-up; 0, the
+            paper's recipe, trains both from the first step). Early swapped-prediction gradients
+            through a random head are noise that can switch off weights the task needs.
         head_lr: learning rate of the head and prototypes (0.15).
         head_weight_decay: weight decay of the head and prototypes (1e-6).
     """
@@ -65,6 +70,7 @@ class SwAVConfig:
     queue_length: int = 512
     queue_start_epoch: int = 30
     freeze_prototypes_iters: int = 313
+    freeze_backbone_iters: int = 0
     head_lr: float = 0.15
     head_weight_decay: float = 1e-6
 
@@ -87,7 +93,7 @@ class SwAVConfig:
             raise bad("head_weight_decay", "a finite number >= 0")
         if not is_int(self.sinkhorn_iterations) or self.sinkhorn_iterations < 1:
             raise bad("sinkhorn_iterations", "an integer >= 1")
-        for name in ("queue_length", "queue_start_epoch", "freeze_prototypes_iters"):
+        for name in ("queue_length", "queue_start_epoch", "freeze_prototypes_iters", "freeze_backbone_iters"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "an integer >= 0")
         if not is_int(self.projection_dim) or self.projection_dim < 1:

@@ -89,7 +89,10 @@ class SwAVModel(nn.Module):
         self.cfg = cfg
 
     def forward(self, crops: list[torch.Tensor], epoch: int, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.objective(_embed_crops(self.backbone, crops, self.cfg), epoch=epoch, iteration=iteration)
+        embeddings = _embed_crops(self.backbone, crops, self.cfg)
+        if iteration < self.objective.cfg.freeze_backbone_iters:  # head warm-up: no gradient reaches the backbone
+            embeddings = [e.detach() for e in embeddings]
+        return self.objective(embeddings, epoch=epoch, iteration=iteration)
 
 
 def adapt_swav(

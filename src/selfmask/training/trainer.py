@@ -138,10 +138,15 @@ class Classifier(nn.Module):
 
 
 def speed_setup(backbone: nn.Module, cfg: TrainConfig, *extra: nn.Module) -> None:
-    """The fast-path options that change modules in place: channels-last storage and flat masks."""
+    """The fast-path options that change modules in place: channels-last storage and flat masks.
+
+    Under ``cfg.compile`` the masks keep the per-layer path, which ``torch.compile`` traces and
+    fuses: the flat path's cache lookup is Python keyed by an integer per layer, on which
+    ``torch.compile`` recompiles once per masked layer until its recompile limit (then eager).
+    """
     if cfg.channels_last:
         backbone.to(memory_format=torch.channels_last)
-    if cfg.fast_masks:
+    if cfg.fast_masks and not cfg.compile:
         for module in (backbone, *extra):
             if is_masked(module):
                 enable_fast_masks(module)
