@@ -55,8 +55,9 @@ def test_config_backbone_and_device_problems(tmp_path) -> None:
     assert problems == [
         "config: batch_size must be >= 1, got 0",
         "backbone: unknown backbone 'resnet_huge'; available: " + ", ".join(
-            ["resnet18", "resnet50", "resnet_small", "resnet_tiny", "vit_b_32_clip", "vit_b_32_clip_gelu",
-             "vit_tiny_clip"]),
+            ["efficientnet_lite0", "efficientnet_lite0_32", "efficientnet_lite0_64", "resnet18", "resnet50",
+             "resnet_small", "resnet_tiny", "vit_b_32_clip", "vit_b_32_clip_gelu", "vit_tiny_clip"])
+        + "; or timm:NAME, torchvision:NAME, open_clip:NAME or module.path:factory",
     ]
     problems = _ok(tmp_path, train_settings={"device": "tpu"})
     assert problems == ["config: unsupported device 'tpu'; expected cpu or cuda[:N]"]

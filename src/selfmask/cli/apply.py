@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("file", metavar="FILE", help="mask file")
-    p.add_argument("--backbone", required=True, help="backbone name (see selfmask.backbones.list_backbones)")
+    p.add_argument("--backbone", required=True, help="backbone name (see selfmask.backbones.list_backbones) or timm:NAME, torchvision:NAME, open_clip:NAME, module.path:factory")
     p.add_argument("--weights", default=None, metavar="BASE", help="base weights (.safetensors or .pt state dict)")
     p.add_argument(
         "--seed",

@@ -81,7 +81,10 @@ def run(args: argparse.Namespace) -> int:
             small_size=96 if cuda else 16, backbone=backbone, repeats=args.repeats, device=args.device),
         "data": lambda: bench.decode_vs_cache_throughput(num_images=128, repeats=min(args.repeats, 5)),
         "storage": lambda: bench.mask_file_size(),
-        "bank": lambda: bench.bank_switch_time(device=args.device, repeats=args.repeats),
+        "bank": lambda: {
+            **bench.bank_switch_time(device=args.device, repeats=args.repeats),
+            "mixed": bench.bank_mixed_throughput(backbone, device=args.device, batch=args.batch, repeats=args.repeats),
+        },
         "knn": lambda: bench.knn_time(device=args.device),
         "threads": lambda: bench.thread_step_times(
             batch=args.batch, threads=(1, args.threads if (args.threads or 0) > 1 else 2), repeats=args.repeats),
@@ -139,3 +142,8 @@ def _print_section(name: str, res: dict[str, Any]) -> None:
         v = res[k]
         parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
     print(f"[{name}] " + ", ".join(parts))
+    mixed = res.get("mixed")
+    if isinstance(mixed, dict):  # bank: mixed-task batches, one line per number of tasks
+        for row in mixed["rows"]:
+            print(f"[{name}/mixed {mixed['backbone']}, batch {mixed['batch']}] " + ", ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))

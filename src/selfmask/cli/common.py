@@ -22,7 +22,12 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "embedded") -> None
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default=None, help="backbone name (see `selfmask backbones`; default resnet_tiny)")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="backbone name (see `selfmask backbones`; default resnet_tiny), or timm:NAME, torchvision:NAME, "
+        "open_clip:NAME, module.path:factory (a model of that library / your code, head removed)",
+    )
     p.add_argument("--weights", default=None, help="local checkpoint of the backbone (.safetensors/.pt/.pth)")
 
 

@@ -80,8 +80,12 @@ def checkpoint_bytes_estimate(backbone: str, method: str, num_classes: int = HEA
     from selfmask.backbones import backbone_info, build_backbone
 
     info = backbone_info(backbone)
-    with torch.device("meta"):
-        model = build_backbone(backbone)
+    try:
+        with torch.device("meta"):
+            model = build_backbone(backbone)
+    except SelfmaskError:  # a library's or user's constructor (timm:NAME, module:factory) that needs real tensors
+        with torch.random.fork_rng(devices=[]):
+            model = build_backbone(backbone)
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() for b in model.buffers())
     n_params, n_tensors = len(list(model.parameters())), len(model.state_dict())
