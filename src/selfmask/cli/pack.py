@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
         extra=rebuilt.extra,
         overwrite=args.overwrite,
         source=rebuilt.source,
+        base_fingerprint=rebuilt.base_fingerprint,
     )
     numel = sum(i.numel for i in infos)
     payload = sum(i.payload_bytes for i in infos)

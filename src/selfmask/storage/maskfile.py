@@ -401,6 +401,7 @@ def save_mask(
     extra: Mapping[str, torch.Tensor] | None = None,
     overwrite: bool = False,
     source: Mapping[str, Any] | None = None,
+    base_fingerprint: str | None = None,
 ) -> list[MaskTensorInfo]:
     """Write the current masks of a masked ``model`` to ``path`` (atomically).
 
@@ -410,6 +411,10 @@ def save_mask(
         backbone: the backbone name (default: ``model.backbone_name``).
         extra: extra trained tensors to store, e.g. ``{"weight": head.weight, "bias": head.bias}``.
         source: free-form JSON recorded with the file (e.g. the run folder).
+        base_fingerprint: the fingerprint of the base weights the masks were trained on
+            (default: ``model_fingerprint(model)``). Pass it when the model's buffers were
+            trained (BatchNorm statistics with ``bn="train"``): the file must name the base
+            weights a user has, not the adapted buffers it stores as ``buffer.*`` extras.
 
     Returns:
         What was recorded per tensor (codec, sizes).
@@ -421,7 +426,7 @@ def save_mask(
     data, infos = encode_mask_file(
         current_masks(model),
         backbone=_backbone_name(model, backbone),
-        fingerprint=model_fingerprint(model),
+        fingerprint=base_fingerprint or model_fingerprint(model),
         config=config,
         extra=extra,
         source=source,
