@@ -94,3 +94,94 @@ def test_old_mask_file_with_buffer_fingerprint_still_applies_with_a_note(bn_trai
                  str(tmp_path / "x.safetensors")]) == 2
     assert not (tmp_path / "x.safetensors").exists()
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- data: labels, split files, skipped images
+
+
+def _two_class_folder(root: Path, train: tuple[str, ...], test: tuple[str, ...]) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    for split, classes in (("train", train), ("test", test)):
+        for c in classes:
+            (root / split / c).mkdir(parents=True, exist_ok=True)
+            for i in range(2):
+                Image.fromarray(np.full((8, 8, 3), 40 * i + 60 * len(c), np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_folder_test_split_is_labelled_by_the_training_classes(tmp_path) -> None:
+    """Case: with fewer test class folders, test images got another class's label (k-NN 1.000 became 0.000)."""
+    from selfmask.data.sources import load_data
+
+    root = _two_class_folder(tmp_path / "d", ("cat", "dog"), ("dog",))
+    train, test = load_data(f"folder:{root}", resolution=8, cache_dir=tmp_path / "cache")
+    assert train.classes == test.classes == ["cat", "dog"]
+    assert test.labels.tolist() == [1, 1]  # "dog" is label 1 in both splits (was 0 in the test split)
+
+
+def test_folder_test_class_without_training_images_is_a_clear_error(tmp_path, capsys) -> None:
+    root = _two_class_folder(tmp_path / "d", ("cat", "dog"), ("cow", "dog"))
+    assert main(adapt_args(root, tmp_path / "run")) == 2
+    err = capsys.readouterr().err
+    assert "['cow'] have no training images" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def _split_file(tmp_path: Path, train: list, test: list) -> str:
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir(exist_ok=True)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / name)
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": train, "val": [], "test": test}))
+    return f"split:{split}:{images}"
+
+
+def test_split_file_label_far_out_of_range_is_a_clear_error_without_a_memory_blow_up(tmp_path) -> None:
+    """Case: a split-file label of 10**10 built a list of 10**10 integers (memory blow-up)."""
+    import tracemalloc
+
+    from selfmask.data.sources import load_data
+    from selfmask.errors import SelfmaskError
+
+    spec = _split_file(tmp_path, [["a.png", 0, "a"], ["b.png", 10**10, "b"]], [["a.png", 0, "a"]])
+    tracemalloc.start()
+    with pytest.raises(SelfmaskError, match=r"labels \[1, 2, 3"):
+        load_data(spec, resolution=8, cache_dir=tmp_path / "cache")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 2**24
+
+
+@pytest.mark.parametrize("rel", ["../outside.png", "/etc/passwd", "sub/../../outside.png"])
+def test_split_file_paths_must_stay_inside_the_image_root(tmp_path, rel) -> None:
+    """Case: split-file paths with '..' or an absolute path read files outside IMAGE_ROOT."""
+    import numpy as np
+    from PIL import Image
+
+    from selfmask.data.sources import load_data
+    from selfmask.errors import SelfmaskError
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "outside.png")
+    spec = _split_file(tmp_path, [["a.png", 0, "a"], [rel, 1, "b"]], [["a.png", 0, "a"]])
+    with pytest.raises(SelfmaskError, match="not a path inside the image folder"):
+        load_data(spec, resolution=8, cache_dir=tmp_path / "cache")
+
+
+def test_dangling_and_looping_image_links_are_counted_and_reported(tmp_path, caplog) -> None:
+    """Case: dangling or looping symlinked images were dropped without a word."""
+    from selfmask.data.folders import list_image_folder
+
+    root = _two_class_folder(tmp_path / "d", ("cat", "dog"), ("dog",))
+    (root / "train" / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "train" / "dog" / "x.png").symlink_to("y.png")
+    (root / "train" / "dog" / "y.png").symlink_to("x.png")
+    with caplog.at_level("WARNING", logger="selfmask.data"):
+        files, labels, _ = list_image_folder(root / "train")
+    assert len(files) == 4 and labels == [0, 0, 1, 1]
+    assert "skipped 3 image link(s)" in caplog.text and "gone.png" in caplog.text

@@ -257,13 +257,15 @@ def _check_folders(spec: str, root: Path) -> list[str]:
     if not root.is_dir():
         return [f"data {spec!r}: {str(root)!r} does not exist or is not a folder"]
     problems: list[str] = []
+    classes = None  # the test split is labelled by the training split's classes
     for split in ("train", "test"):
         sub = root / split
         if not sub.is_dir():
             problems.append(f"data {spec!r}: expected a folder {str(sub)!r} (one subfolder per class)")
             continue
         try:
-            files, _labels, _classes = list_image_folder(sub)
+            files, _labels, found = list_image_folder(sub, classes=classes)
+            classes = found if split == "train" else classes
         except (SelfmaskError, OSError) as exc:
             problems.append(f"data {spec!r}: {exc}")
             continue
