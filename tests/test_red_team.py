@@ -185,3 +185,120 @@ def test_dangling_and_looping_image_links_are_counted_and_reported(tmp_path, cap
         files, labels, _ = list_image_folder(root / "train")
     assert len(files) == 4 and labels == [0, 0, 1, 1]
     assert "skipped 3 image link(s)" in caplog.text and "gone.png" in caplog.text
+
+
+# ---------------------------------------------------------------------------- run folders and output files
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"<dir>" for p in sorted(folder.rglob("*"))}
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_out_folder_holding_no_run_is_never_written_replaced_or_deleted(data, tmp_path, capsys, overwrite) -> None:
+    """Cases: --out on a user's folder overwrote config.json/results.json and appended to log.txt;
+    with --overwrite, run-file names and plots/ were deleted."""
+    mine = tmp_path / "mine"
+    (mine / "plots").mkdir(parents=True)
+    for name in ("config.json", "results.json", "log.txt", "plots/fig.png"):
+        (mine / name).write_text(f"the user's {name}\n")
+    before = _snapshot(mine)
+    assert main(adapt_args(data, mine, *(["--overwrite"] if overwrite else []))) == 2
+    err = capsys.readouterr().err
+    assert "is not a selfmask run folder" in err and "Traceback" not in err
+    assert _snapshot(mine) == before
+
+
+def test_a_run_folder_of_an_older_version_is_still_recognised(data, bn_train_run, tmp_path) -> None:
+    """Run folders written before the marker existed (status.json + config.json) can still be replaced."""
+    old = tmp_path / "old-run"
+    shutil.copytree(bn_train_run, old)
+    (old / ".selfmask-run").unlink()
+    assert main(adapt_args(data, old, "--overwrite")) == 0
+    assert (old / ".selfmask-run").is_file()
+
+
+def test_init_from_and_out_the_same_folder_is_refused(data, bn_train_run, tmp_path, capsys) -> None:
+    """Case: ``--init-from S --out S --overwrite`` deleted the finished run S it was asked to start from."""
+    run = tmp_path / "s"
+    shutil.copytree(bn_train_run, run)
+    before = _snapshot(run)
+    assert main(adapt_args(data, run, "--init-from", str(run), "--overwrite")) == 2
+    assert "are the same folder" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+def test_a_second_process_cannot_own_a_run_folder(data, tmp_path, capsys) -> None:
+    """Case: two ``adapt`` processes on one --out both "succeeded"; the first run was silently replaced."""
+    import subprocess
+    import sys
+
+    run = tmp_path / "busy"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from selfmask.training.ownership import claim; claim(sys.argv[1]); "
+         "print('held', flush=True); sys.stdin.read()", str(run)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src"), "PATH": "/usr/bin:/bin"},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert main(adapt_args(data, run)) == 2
+        assert "in use by another selfmask process" in capsys.readouterr().err
+        assert sorted(p.name for p in run.iterdir()) == [".selfmask-run"]  # nothing written
+    finally:
+        holder.communicate("", timeout=30)
+    assert main(adapt_args(data, run)) == 0  # free again once the other process ended
+
+
+def _mask_file(tmp_path: Path) -> Path:
+    from selfmask.masking import MaskConfig, mask_model
+
+    torch.manual_seed(0)
+    model = mask_model(build_backbone("resnet_tiny"), MaskConfig.preset("resnet"))
+    path = tmp_path / "x.mask"
+    save_mask(model, path, source={"seed": 0})
+    return path
+
+
+def test_apply_refuses_to_replace_its_own_input(tmp_path, capsys) -> None:
+    """Case: ``apply X.mask -o X.mask --overwrite`` replaced its own input."""
+    mask = _mask_file(tmp_path)
+    before = mask.read_bytes()
+    assert main(["apply", str(mask), "--backbone", "resnet_tiny", "-o", str(mask), "--overwrite"]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert mask.read_bytes() == before
+    (tmp_path / "link.mask").symlink_to(mask)
+    assert main(["apply", str(tmp_path / "link.mask"), "--backbone", "resnet_tiny", "-o", str(mask), "--overwrite"]) == 2
+    assert mask.read_bytes() == before
+
+
+def test_pack_refuses_to_write_over_a_file_of_its_run(bn_train_run, tmp_path, capsys) -> None:
+    run = tmp_path / "r"
+    shutil.copytree(bn_train_run, run)
+    before = _snapshot(run)
+    assert main(["pack", str(run), "-o", str(run / "scores.safetensors"), "--overwrite"]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize("kind", ["fifo", "char-device"])
+def test_outputs_that_are_not_regular_files_are_never_replaced(tmp_path, capsys, kind) -> None:
+    """Case: ``-o`` on a character device or FIFO with --overwrite replaced it with a regular file."""
+    import os
+    import stat
+
+    mask = _mask_file(tmp_path)
+    target = tmp_path / "special"
+    if kind == "fifo":
+        os.mkfifo(target)
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(target, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # like /dev/null, inside tmp_path
+    for argv in (["apply", str(mask), "--backbone", "resnet_tiny", "-o", str(target), "--overwrite"],
+                 ["pack", str(tmp_path), "-o", str(target), "--overwrite"]):
+        assert main(argv) == 2
+        assert "is not a regular file" in capsys.readouterr().err
+        mode = target.lstat().st_mode
+        assert stat.S_ISFIFO(mode) if kind == "fifo" else stat.S_ISCHR(mode)

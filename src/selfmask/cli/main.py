@@ -2,8 +2,8 @@
 
 Each command module defines ``register(subparsers)``, which adds its parser and
 sets ``func`` (taking the parsed namespace, returning an exit code). User errors
-(:class:`~selfmask.errors.SelfmaskError`, ``ValueError``, missing files) print one
-clear line and exit 2; Ctrl-C exits 130.
+(:class:`~selfmask.errors.SelfmaskError`, ``ValueError``, missing files, and any other
+``OSError``: a full disk, a read-only file system) print one clear line and exit 2; Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -46,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as exc:
         print(f"selfmask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only file system, an I/O error: one line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"selfmask {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
 
 

@@ -21,7 +21,7 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -402,6 +402,7 @@ def save_mask(
     overwrite: bool = False,
     source: Mapping[str, Any] | None = None,
     base_fingerprint: str | None = None,
+    inputs: Iterable[str | Path | None] = (),
 ) -> list[MaskTensorInfo]:
     """Write the current masks of a masked ``model`` to ``path`` (atomically).
 
@@ -415,6 +416,7 @@ def save_mask(
             (default: ``model_fingerprint(model)``). Pass it when the model's buffers were
             trained (BatchNorm statistics with ``bn="train"``): the file must name the base
             weights a user has, not the adapted buffers it stores as ``buffer.*`` extras.
+        inputs: files the caller read; ``path`` must not be one of them.
 
     Returns:
         What was recorded per tensor (codec, sizes).
@@ -431,7 +433,7 @@ def save_mask(
         extra=extra,
         source=source,
     )
-    atomic_write_bytes(path, data, overwrite=overwrite)
+    atomic_write_bytes(path, data, overwrite=overwrite, inputs=inputs)
     return infos
 
 

@@ -129,9 +129,12 @@ def check_disk(out: Path, estimate: DiskEstimate) -> list[str]:
 
 
 def check_run_folder(out: Path, *, overwrite: bool = False, resume: bool = False) -> list[str]:
-    """The run folder is (or can be created as) a writable folder that holds no finished run."""
-    if out.exists() and not out.is_dir():
-        return [f"run folder {str(out)!r} exists and is not a folder"]
+    """The run folder is (or can be created as) a writable run folder that holds no finished run."""
+    from selfmask.training.ownership import folder_problem
+
+    problem = folder_problem(out)
+    if problem:
+        return [problem]
     status_file = out / "status.json"
     if status_file.is_file() and not overwrite:
         try:
@@ -152,6 +155,16 @@ def check_run_folder(out: Path, *, overwrite: bool = False, resume: bool = False
         os.unlink(probe)
     except OSError as exc:
         return [f"run folder {str(out)!r} is not writable: {exc.strerror or exc} (in {str(where)!r})"]
+    return []
+
+
+def check_init_from(init_from: object, out: Path) -> list[str]:
+    """``--init-from`` must not be the run folder itself (the run would replace what it starts from)."""
+    if isinstance(init_from, (str, Path)) and os.path.realpath(init_from) == os.path.realpath(out):
+        return [
+            f"--init-from {str(init_from)!r} and --out {str(out)!r} are the same folder: the new run would replace "
+            "the run it starts from; choose another --out"
+        ]
     return []
 
 
@@ -316,6 +329,7 @@ def preflight(
     """Every problem found, one message each (empty: the run can start)."""
     out = Path(out)
     cfg, problems = check_config(train_settings, backbone)
+    problems += check_init_from(train_settings.get("init_from"), out)
     problems += check_weights(weights)
     problems += check_data(data)
     folder_problems = check_run_folder(out, overwrite=overwrite, resume=resume)
@@ -337,6 +351,7 @@ __all__ = [
     "PreflightError",
     "check_data",
     "check_disk",
+    "check_init_from",
     "check_run_folder",
     "check_weights",
     "checkpoint_bytes_estimate",
