@@ -302,3 +302,68 @@ def test_outputs_that_are_not_regular_files_are_never_replaced(tmp_path, capsys,
         assert "is not a regular file" in capsys.readouterr().err
         mode = target.lstat().st_mode
         assert stat.S_ISFIFO(mode) if kind == "fifo" else stat.S_ISCHR(mode)
+
+
+# ---------------------------------------------------------------------------- resume checks what defines the run
+
+
+def _interrupted_copy(run: Path, to: Path, **edits) -> Path:
+    shutil.copytree(run, to)
+    (to / "status.json").write_text(json.dumps({"status": "interrupted"}))
+    cfg = json.loads((to / "config.json").read_text())
+    cfg.update(edits)
+    (to / "config.json").write_text(json.dumps(cfg))
+    return to
+
+
+def _resume(run: Path) -> list[str]:
+    return ["adapt", "--resume", str(run), "--no-progress", "--no-eval", "--cache-dir", str(run.parent / "cache")]
+
+
+def test_resume_refuses_edited_data_or_weights_and_names_them(data, bn_train_run, tmp_path, capsys) -> None:
+    """Case: after config.json's data_spec or weights was edited, --resume continued on other data/weights."""
+    other = _two_class_folder(tmp_path / "other", ("c0", "c1"), ("c0", "c1"))
+    run = _interrupted_copy(bn_train_run, tmp_path / "a", data_spec=f"folder:{other}")
+    assert main(_resume(run)) == 2
+    assert "different settings than this run's config.json: data_spec: the checkpoint was written with" in \
+        capsys.readouterr().err
+    torch.manual_seed(9)
+    torch.save(build_backbone("resnet_tiny").state_dict(), tmp_path / "w2.pt")
+    run = _interrupted_copy(bn_train_run, tmp_path / "b", weights=str(tmp_path / "w2.pt"))
+    assert main(_resume(run)) == 2
+    assert ": weights: the checkpoint was written with" in capsys.readouterr().err
+    # the same path, other numbers: the fingerprint of the base weights tells
+    run = _interrupted_copy(bn_train_run, tmp_path / "c")
+    weights = Path(json.loads((run / "config.json").read_text())["weights"])
+    saved = weights.read_bytes()
+    try:
+        shutil.copy(tmp_path / "w2.pt", weights)
+        assert main(_resume(run)) == 2
+        assert ": base_fingerprint: the checkpoint was written with" in capsys.readouterr().err
+    finally:
+        weights.write_bytes(saved)
+    run = _interrupted_copy(bn_train_run, tmp_path / "d", backbone="resnet_small")
+    assert main(_resume(run)) == 2
+    assert "does not fit backbone 'resnet_small'" in capsys.readouterr().err  # the weights tell first
+    assert main(_resume(_interrupted_copy(bn_train_run, tmp_path / "e"))) == 0  # unedited: resumes
+
+
+@pytest.mark.parametrize("edit", [{"backbone": 5}, {"data_spec": 5}, {"weights": 5}, {"seed": "0"}])
+def test_resume_with_wrong_types_in_config_json_is_one_clear_line(bn_train_run, tmp_path, capsys, edit) -> None:
+    """Case: other edits of config.json ended in a traceback."""
+    run = _interrupted_copy(bn_train_run, tmp_path / "r", **edit)
+    assert main(_resume(run)) == 2
+    err = capsys.readouterr().err
+    key = next(iter(edit))
+    assert f"config.json: {key!r} must be" in err and "Traceback" not in err
+
+
+def test_first_difference_names_data_and_weights_before_training_settings() -> None:
+    from selfmask.training.identity import first_difference, with_run_identity
+
+    a = with_run_identity({"method": "mask", "lr": 1.0}, "resnet_tiny", {"data_spec": "folder:a", "weights": None})
+    b = with_run_identity({"method": "topk", "lr": 2.0}, "resnet_small", {"data_spec": "folder:b", "weights": None})
+    assert first_difference(a, a) is None
+    assert first_difference(a, b).startswith("data_spec: the checkpoint was written with 'folder:a'")
+    assert first_difference(a, {**b, "run": a["run"]}).startswith("method:")
+    assert first_difference({"method": "mask", "lr": 1.0}, a) is None  # an older checkpoint: training settings only

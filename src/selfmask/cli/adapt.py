@@ -192,6 +192,7 @@ def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     from selfmask.data.multicrop import MultiCrop, MultiCropConfig
     from selfmask.objectives import SwAVConfig
     from selfmask.training.config import TrainConfig
+    from selfmask.training.identity import check_saved_run
     from selfmask.training.run_folder import read_run_config
 
     run_dir = args.resume
@@ -210,6 +211,7 @@ def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
             raise SelfmaskError(f"{where}: key {key!r} is missing (was this run written by `selfmask adapt`?)")
     if not isinstance(saved["train"], dict):
         raise SelfmaskError(f"{where}: 'train' must be an object")
+    check_saved_run(saved, where)  # wrong types: one clear line, not a traceback
     try:
         cfg = TrainConfig.from_dict(saved["train"])  # unknown keys and bad values: one clear error
     except (SelfmaskError, TypeError) as exc:
@@ -285,6 +287,7 @@ def _run(
     from selfmask.backbones import backbone_info, create_backbone
     from selfmask.data.sources import load_data
     from selfmask.experiments.evaluate import evaluate_features
+    from selfmask.fingerprint import model_fingerprint
     from selfmask.training.distributed import barrier, broadcast_flag
     from selfmask.training.loop import StopRequested
     from selfmask.training.run_folder import RunFolder
@@ -311,7 +314,7 @@ def _run(
         raise SelfmaskError(f"data {other['data']!r}: empty split (train {len(train)}, test {len(test)} images)")
     torch.manual_seed(cfg.seed)
     backbone = create_backbone(info.name, other["weights"])
-    meta = {"weights": other["weights"], "data_spec": other["data"]}
+    meta = {"weights": other["weights"], "data_spec": other["data"], "base_fingerprint": model_fingerprint(backbone)}
     try:
         if cfg.objective == "swav":
             from selfmask.training.ssl import OnlineEval, adapt_swav
