@@ -367,3 +367,51 @@ def test_first_difference_names_data_and_weights_before_training_settings() -> N
     assert first_difference(a, b).startswith("data_spec: the checkpoint was written with 'folder:a'")
     assert first_difference(a, {**b, "run": a["run"]}).startswith("method:")
     assert first_difference({"method": "mask", "lr": 1.0}, a) is None  # an older checkpoint: training settings only
+
+
+# ---------------------------------------------------------------------------- typed settings, numbers, weights dtype
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"weights": 5}, "'weights' must be a string or null, got 5"),
+    ({"data": 5}, "'data' must be a string, got 5"),
+    ({"backbone": ["resnet_tiny"]}, "'backbone' must be a string, got ['resnet_tiny']"),
+    ({"seed": "0"}, "seed must be an integer, got '0'"),
+    ({"augment": "no"}, "augment must be true or false, got 'no'"),
+    ({"checkpoint_every": 1.5}, "checkpoint_every must be an integer, got 1.5"),
+    ({"lr": "fast"}, "lr must be a number or null, got 'fast'"),
+    ({"threshold": float("inf")}, "threshold must be a finite number, got inf"),
+])
+def test_config_file_with_wrong_json_types_is_one_clear_line(data, tmp_path, capsys, settings, message) -> None:
+    """Cases: {"weights": 5}, {"seed": "0"}, {"data": 5} ended in tracebacks; {"augment": "no"} left augmentation on."""
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps(settings).replace("Infinity", "1e999"))
+    assert main(adapt_args(data, tmp_path / "run", "--config", str(cfg))) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("flag", "message"), [
+    (["--seed", str(10**20)], "seed must be an integer in [0, 4294967295], got 100000000000000000000"),
+    (["--seed", "-5"], "seed must be an integer in [0, 4294967295], got -5"),
+    (["--epochs", str(10**20)], "epochs must be an integer in [0, 2147483647]"),
+    (["--checkpoint-every", str(2**63)], "checkpoint_every must be an integer in [0, 2147483647]"),
+])
+def test_out_of_range_integers_have_a_clear_message(data, tmp_path, capsys, flag, message) -> None:
+    """Case: an out-of-range integer said only "Overflow when unpacking long long" (or ran forever)."""
+    assert main(adapt_args(data, tmp_path / "run", *flag)) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool, torch.uint8])
+def test_weights_that_are_not_floating_point_are_refused(data, tmp_path, capsys, dtype) -> None:
+    """Case: safetensors weights of an integer or bool dtype were cast to float (a run trained near chance)."""
+    from safetensors.torch import save_file
+
+    state = {k: (v * 10).to(dtype) if v.is_floating_point() else v for k, v in build_backbone("resnet_tiny").state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    assert main(adapt_args(data, tmp_path / "run", "--weights", str(tmp_path / "w.safetensors"))) == 2
+    err = capsys.readouterr().err
+    assert "must hold floating-point numbers hold another type" in err and "conv1.weight" in err

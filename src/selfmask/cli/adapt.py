@@ -12,6 +12,7 @@ from selfmask.cli.common import (
     add_data_args,
     add_eval_args,
     check_eval_args,
+    check_setting_types,
     read_config_file,
     setup_logging,
 )
@@ -145,6 +146,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     unknown = set(file_cfg) - set(_TRAIN_FLAGS) - other_keys - {"augment", "flip"} - switch_fields
     if unknown:
         raise SelfmaskError(f"config file {args.config}: unknown keys {sorted(unknown)}")
+    check_setting_types(file_cfg, f"config file {args.config}")
     train = {k: v for k, v in file_cfg.items() if k in _TRAIN_FLAGS or k in ("augment", "flip") or k in switch_fields}
     for name in _TRAIN_FLAGS:
         v = getattr(args, name)
