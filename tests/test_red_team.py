@@ -415,3 +415,90 @@ def test_weights_that_are_not_floating_point_are_refused(data, tmp_path, capsys,
     assert main(adapt_args(data, tmp_path / "run", "--weights", str(tmp_path / "w.safetensors"))) == 2
     err = capsys.readouterr().err
     assert "must hold floating-point numbers hold another type" in err and "conv1.weight" in err
+
+
+# ---------------------------------------------------------------------------- signals and write errors
+
+
+def _sigterm_self(*_args, **_kwargs) -> None:
+    import os
+    import signal
+    import time
+
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)  # the handler raises as soon as this Python frame runs again
+    raise AssertionError("SIGTERM was not handled")
+
+
+def test_sigterm_during_the_final_evaluation_leaves_a_resumable_run(data, tmp_path, monkeypatch, capsys) -> None:
+    """Case: SIGTERM during the final evaluation left no results and a run that refused to resume."""
+    import selfmask.experiments.evaluate as evaluate
+
+    run = tmp_path / "run"
+    argv = [a for a in adapt_args(data, run) if a != "--no-eval"] + ["--no-probe", "--knn-k", "3"]
+    real = evaluate.evaluate_features
+    monkeypatch.setattr(evaluate, "evaluate_features", _sigterm_self)
+    assert main(argv) == 143
+    assert "stopped by SIGTERM during the final evaluation" in capsys.readouterr().err
+    assert json.loads((run / "status.json").read_text())["status"] == "interrupted"
+    monkeypatch.setattr(evaluate, "evaluate_features", real)
+    assert main(["adapt", "--resume", str(run), "--no-progress", "--no-probe", "--knn-k", "3", "--cache-dir",
+                 str(data.parent / "cache")]) == 0
+    assert "knn_accuracy" in json.loads((run / "results.json").read_text())
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+
+
+def _fsync_then(action):  # noqa: ANN001, ANN202
+    import os
+
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        real(fd)
+        action()
+
+    return fsync
+
+
+@pytest.mark.parametrize("command", ["pack", "apply"])
+def test_sigterm_during_pack_or_apply_removes_the_temporary_file(bn_train_run, tmp_path, monkeypatch, capsys,
+                                                                 command) -> None:
+    """Case: SIGTERM during pack/apply left the hidden temporary file behind."""
+    import os
+
+    mask = tmp_path / "in.mask"
+    assert main(["pack", str(bn_train_run), "-o", str(mask)]) == 0
+    weights = json.loads((bn_train_run / "config.json").read_text())["weights"]
+    out = tmp_path / ("t.mask" if command == "pack" else "m.safetensors")
+    argv = (["pack", str(bn_train_run), "-o", str(out)] if command == "pack" else
+            ["apply", str(mask), "--backbone", "resnet_tiny", "--weights", weights, "-o", str(out)])
+    monkeypatch.setattr(os, "fsync", _fsync_then(_sigterm_self))
+    assert main(argv) == 143
+    assert "stopped by SIGTERM" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mask"]  # no output, no temporary file
+
+
+@pytest.mark.parametrize("command", ["pack", "apply"])
+@pytest.mark.parametrize("errno_", ["ENOSPC", "EROFS", "EACCES"])
+def test_disk_and_permission_errors_of_pack_and_apply_are_one_line(bn_train_run, tmp_path, monkeypatch, capsys,
+                                                                   command, errno_) -> None:
+    """Cases: ``apply``/``pack`` onto a full or read-only file system ended in a traceback."""
+    import errno
+    import os
+
+    mask = tmp_path / "in.mask"
+    assert main(["pack", str(bn_train_run), "-o", str(mask)]) == 0
+    code = getattr(errno, errno_)
+
+    def fail() -> None:
+        raise OSError(code, os.strerror(code))
+
+    out = tmp_path / "out.bin"
+    argv = (["pack", str(bn_train_run), "-o", str(out)] if command == "pack" else
+            ["apply", str(mask), "--backbone", "resnet_tiny", "--weights",
+             json.loads((bn_train_run / "config.json").read_text())["weights"], "-o", str(out)])
+    monkeypatch.setattr(os, "fsync", _fsync_then(fail))
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"selfmask {command}: error: writing {str(out)!r} failed: {os.strerror(code)}; nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mask"]

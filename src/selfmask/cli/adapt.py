@@ -346,14 +346,20 @@ def _run(
                                "seed": cfg.seed, "backbone": info.name, "data": other["data"],
                                "final_train_loss": result.history[-1]["loss"], **count_trainable_bits(result)}
     if not args.no_eval:
-        if result.head is not None:
-            results["test_accuracy"] = classify(result.backbone, result.head, test, info, device=cfg.device)
-        results.update(
-            evaluate_features(
-                result.backbone, info, train, test, bank_indices=result.train_indices, knn_k=args.knn_k,
-                knn_temperature=args.knn_temperature, linear_probe=not args.no_probe, seed=cfg.seed, device=cfg.device,
+        try:
+            if result.head is not None:
+                results["test_accuracy"] = classify(result.backbone, result.head, test, info, device=cfg.device)
+            results.update(
+                evaluate_features(
+                    result.backbone, info, train, test, bank_indices=result.train_indices, knn_k=args.knn_k,
+                    knn_temperature=args.knn_temperature, linear_probe=not args.no_probe, seed=cfg.seed,
+                    device=cfg.device,
+                )
             )
-        )
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: training is saved, --resume evaluates
+            run_folder.set_status("interrupted", phase="evaluation", epoch=cfg.epochs, total_epochs=cfg.epochs)
+            return stopped_exit_code(KeyboardInterrupt(f"{stop or 'stopped by SIGINT'} during the final evaluation"),
+                                     run_folder.path)
     run_folder.write_json("results.json", results)
     run_folder.set_status("finished")
     print(f"run folder: {run_folder.path}")

@@ -39,8 +39,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from selfmask.cli.signals import Terminated, sigterm_raises
+
     try:
-        return int(args.func(args) or 0)
+        with sigterm_raises():  # SIGTERM unwinds like Ctrl-C: temporary files are removed
+            return int(args.func(args) or 0)
+    except Terminated:
+        print(f"selfmask {args.command}: stopped by SIGTERM; no output was left half-written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("selfmask: interrupted", file=sys.stderr)
         return 130

@@ -102,8 +102,9 @@ class _Signals:
         self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        for sig, old in self._old.items():  # whatever was there before: SIG_IGN, SIG_DFL or a handler
+            if old is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(sig, old)
 
 
 def run_epochs(
