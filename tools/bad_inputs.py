@@ -33,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +75,9 @@ def cli(argv: list[str]) -> tuple[int, str]:
             code = main(argv)
         except SystemExit as exc:  # argparse
             code = int(exc.code or 0)
+        except Exception:  # noqa: BLE001 - what `python -m selfmask` would print: a traceback, exit 1
+            err.write(traceback.format_exc())
+            code = 1
         finally:
             logging.getLogger("selfmask").removeHandler(handler)
     return code, err.getvalue()
