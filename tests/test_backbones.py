@@ -46,14 +46,15 @@ def test_registry_lists_every_backbone_with_its_preprocessing() -> None:
     )
     info = backbone_info("vit_b_32_clip")
     assert (info.embed_dim, info.input_size, info.mean, info.std, info.mask_preset) == (
-        512,
+        768,
         224,
         CLIP_MEAN,
         CLIP_STD,
         "vit",
     )
     assert backbone_info("vit_tiny_clip").input_size == 32
-    assert backbone_info("vit_b_32_clip_gelu").embed_dim == 512
+    assert backbone_info("vit_b_32_clip_gelu").embed_dim == 768
+    assert backbone_info("vit_b_32_clip_gelu", "projected").embed_dim == 512
     with pytest.raises(SelfmaskError, match="unknown backbone 'vit_b_16'"):
         create_backbone("vit_b_16")
 
@@ -87,8 +88,14 @@ def test_vit_b_32_has_openai_clip_names_and_size(vit_b_32: nn.Module) -> None:
     assert isinstance(vit_b_32.transformer.resblocks[0].mlp.gelu, QuickGELU)
 
 
-def _reference_clip_forward(m: CLIPVisionTransformer, x: torch.Tensor, heads: int) -> torch.Tensor:
-    """CLIP's forward written out with explicit tensor algebra (no nn.MultiheadAttention)."""
+def _reference_clip_forward(
+    m: CLIPVisionTransformer, x: torch.Tensor, heads: int, projected: bool = True
+) -> torch.Tensor:
+    """CLIP's forward written out with explicit tensor algebra (no nn.MultiheadAttention).
+
+    ``projected``: OpenAI's ``encode_image`` (``ln_post(class token) @ proj``); otherwise the
+    post-LayerNorm class token (Hugging Face ``CLIPVisionModel(x)[1]``, the authors' features).
+    """
     sd = m.state_dict()
     w = sd["conv1.weight"]
     p = w.shape[-1]
@@ -114,12 +121,13 @@ def _reference_clip_forward(m: CLIPVisionTransformer, x: torch.Tensor, heads: in
         h = ln(t, f"{pre}.ln_2") @ sd[f"{pre}.mlp.c_fc.weight"].t() + sd[f"{pre}.mlp.c_fc.bias"]
         h = h * torch.sigmoid(1.702 * h)
         t = t + h @ sd[f"{pre}.mlp.c_proj.weight"].t() + sd[f"{pre}.mlp.c_proj.bias"]
-    return ln(t[:, 0], "ln_post") @ sd["proj"]
+    cls = ln(t[:, 0], "ln_post")
+    return cls @ sd["proj"] if projected else cls
 
 
 def test_vit_forward_is_clips_computation() -> None:
     torch.manual_seed(0)
-    m = build_backbone("vit_tiny_clip").eval()
+    m = build_backbone("vit_tiny_clip", "projected").eval()
     with torch.no_grad():
         for p in m.parameters():  # non-trivial biases and norms
             p.add_(0.05 * torch.randn_like(p))
@@ -128,6 +136,56 @@ def test_vit_forward_is_clips_computation() -> None:
         ref = _reference_clip_forward(m, x, heads=4)
     assert out.shape == (3, 128)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def _openai_clip_checkpoint(path: Path, width: int, output_dim: int, layers: int, heads: int) -> None:
+    """A full OpenAI-CLIP-layout checkpoint (``visual.*`` image tower plus a text-tower key) with random weights."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    tower = CLIPVisionTransformer(32, 8, width, layers, heads, output_dim)
+    state = {f"visual.{k}": (v + 0.05 * torch.randn_like(v)).contiguous() for k, v in tower.state_dict().items()}
+    state["token_embedding.weight"] = torch.randn(10, output_dim)
+    save_file(state, str(path))
+
+
+def test_clip_default_embedding_is_the_post_layernorm_class_token_and_projected_is_encode_image(tmp_path: Path) -> None:
+    """Issue 17: the authors' features by default (class token after ln_post); encode_image one option away."""
+    file = tmp_path / "clip.safetensors"
+    _openai_clip_checkpoint(file, width=128, output_dim=128, layers=4, heads=4)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    default = create_backbone("vit_tiny_clip", file).eval()
+    projected = create_backbone("vit_tiny_clip", file, "projected").eval()
+    assert (default.embedding, projected.embedding) == ("class_token", "projected")
+    with torch.no_grad():
+        # float32: the same numbers up to summation order
+        torch.testing.assert_close(default(x.float()), _reference_clip_forward(default, x.float(), 4, False))
+        torch.testing.assert_close(projected(x.float()), _reference_clip_forward(projected, x.float(), 4, True))
+        # float64 (the same weights): equal to 1e-6, so the computation is the reference's
+        default.double(), projected.double()
+        out_cls, out_proj = default(x), projected(x)
+        ref_cls = _reference_clip_forward(default, x, heads=4, projected=False)
+        ref_proj = _reference_clip_forward(projected, x, heads=4, projected=True)
+    assert out_cls.shape == out_proj.shape == (3, 128)
+    assert (out_cls - ref_cls).abs().max() <= 1e-6
+    assert (out_proj - ref_proj).abs().max() <= 1e-6
+    assert not torch.allclose(out_cls, out_proj)
+
+
+def test_clip_vit_b_32_embeddings_are_768_and_512() -> None:
+    assert backbone_info("vit_b_32_clip").embed_dim == 768
+    assert backbone_info("vit_b_32_clip").embedding == "class_token"
+    assert backbone_info("vit_b_32_clip", "projected").embed_dim == 512
+    assert backbone_info("vit_b_32_clip", "projected").embedding == "projected"
+    assert backbone_info("resnet18").embedding == "pooled"
+    with torch.device("meta"):
+        for embedding, dim in (("class_token", 768), ("projected", 512)):
+            m = build_backbone("vit_b_32_clip", embedding)
+            assert m(torch.empty(2, 3, 224, 224)).shape == (2, dim) and m.embed_dim == dim
+    with pytest.raises(SelfmaskError, match="resnet18.*has no embedding 'projected'.*pooled"):
+        backbone_info("resnet18", "projected")
+    with pytest.raises(SelfmaskError, match="no embedding 'cls'"):
+        create_backbone("vit_tiny_clip", embedding="cls")
 
 
 def test_vit_rejects_wrong_image_size() -> None:

@@ -294,7 +294,7 @@ def test_toy_problem_learned_by_masks_alone() -> None:
 def test_topk_keeps_exact_fraction_per_tensor() -> None:
     model = mask_model(small_convnet(), MaskConfig(targets=CONV_TARGETS, mode="topk", keep_ratio=0.3))
     for name, m in current_masks(model).items():
-        assert int(m.sum()) == max(1, round(0.3 * m.numel())), name
+        assert int(m.sum()) == max(1, m.numel() - int((1 - 0.3) * m.numel())), name  # the authors: n - int((1 - k) n)
     x = torch.randn(4, 3, 8, 8)
     model(x).sum().backward()
     assert all(s.grad is not None for s in mask_scores(model).values())
@@ -467,3 +467,16 @@ def test_default_config_has_no_trainable_subset() -> None:
     for module in model.modules():
         if isinstance(module, ScoreMask):
             assert module.trainable is None
+
+
+@pytest.mark.parametrize("n, keep_ratio", [(432, 0.7), (1000, 0.9), (7, 0.5), (3, 0.01), (2304, 0.923)])
+def test_topk_keeps_the_authors_count(n: int, keep_ratio: float) -> None:
+    """Issue 17: ``n - int((1 - k) n)`` entries, as the paper's code (not ``round(k n)``)."""
+    from selfmask.masking.layer import topk_count, topk_mask
+
+    expected = max(1, n - int((1 - keep_ratio) * n))
+    scores = torch.randn(n, generator=torch.Generator().manual_seed(n))
+    assert int(topk_mask(scores, keep_ratio).sum()) == topk_count(n, keep_ratio) == expected
+    assert topk_count(n, keep_ratio, "round") == max(1, round(keep_ratio * n))
+    model = mask_model(torch.nn.Linear(n, 1, bias=False), MaskConfig(targets=["weight"], mode="topk", keep_ratio=keep_ratio))
+    assert int(current_masks(model)["weight"].sum()) == expected

@@ -198,3 +198,15 @@ def test_single_sample_in_a_distributed_batch_is_fine() -> None:
 
     q = sinkhorn_knopp(torch.randn(1, 4), all_reduce=fake)
     assert torch.isfinite(q).all()
+
+
+def test_codes_are_computed_in_the_runs_dtype() -> None:
+    """Issue 17: a float64 run gets float64 codes (they were float32 whatever the run)."""
+    from selfmask.objectives.swav_loss import assign_codes
+
+    scores = cosine_scores(32, 12, seed=5).double()
+    codes = assign_codes([scores, scores.flip(0)], crops_for_assign=(0, 1))
+    assert all(c.dtype == torch.float64 for c in codes)
+    torch.testing.assert_close(codes[0], reference_sinkhorn(scores, iterations=3), atol=1e-12, rtol=1e-10)
+    assert sinkhorn_knopp(scores.float()).dtype == torch.float32
+    assert sinkhorn_knopp(scores.to(torch.bfloat16)).dtype == torch.float32

@@ -14,6 +14,7 @@ from selfmask.backbones.registry import (
     BackboneInfo,
     backbone_info,
     build_backbone,
+    describe_backbone,
     list_backbones,
     register_backbone,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "backbone_info",
     "build_backbone",
     "create_backbone",
+    "describe_backbone",
     "list_backbones",
     "load_backbone_weights",
     "load_state_dict_file",

@@ -381,13 +381,16 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadReport:
     return report
 
 
-def create_backbone(name: str, weights: str | Path | None = None) -> nn.Module:
+def create_backbone(name: str, weights: str | Path | None = None, embedding: str | None = None) -> nn.Module:
     """Build backbone ``name``; with ``weights``, load them from a local file.
+
+    ``embedding`` picks the output of a backbone that offers several (CLIP ViTs:
+    ``"class_token"``, the default, or ``"projected"``); ``None`` is the backbone's default.
 
     The load report (what was unwrapped, mapped and dropped, and the weights'
     fingerprint) is attached as ``model.weights_report``.
     """
-    model = build_backbone(name)
+    model = build_backbone(name, embedding)
     if weights is not None:
         model.weights_report = load_backbone_weights(model, weights)  # type: ignore[assignment]
     return model

@@ -20,8 +20,18 @@ so an OpenAI CLIP or open_clip ``visual.*`` state dict loads unchanged (the load
 strips the ``visual.`` prefix; timm's names are mapped in :mod:`selfmask.backbones.loading`).
 The forward pass is CLIP's: patchify, prepend the class token, add positions,
 ``ln_pre``, pre-norm residual blocks with QuickGELU MLPs, ``ln_post`` on the class
-token, then the projection; it returns the projected embedding ``(batch, output_dim)``.
-The paper masks q, k, v, the output projection and both MLP layers (``MaskConfig``
+token, then (optionally) the projection.
+
+Two embeddings (``embedding=``):
+
+* ``"class_token"`` (the default): the ``width``-d class token after ``ln_post``, before
+  the projection (768-d for ViT-B/32). This is what the paper's authors use for k-NN,
+  probes and the SwAV head (Hugging Face ``CLIPVisionModel(x)[1]``, METHOD.md section 3).
+* ``"projected"``: ``ln_post(class token) @ proj``, OpenAI CLIP's ``encode_image``
+  (``output_dim``-d, 512 for ViT-B/32), the embedding shared with the text tower.
+
+``proj`` is a parameter either way, so the same checkpoints load. The paper masks q, k, v,
+the output projection and both MLP layers (``MaskConfig``
 preset ``"vit"``, METHOD.md section 1).
 """
 
@@ -42,11 +52,14 @@ class QuickGELU(nn.Module):
 
 
 class LayerNorm(nn.LayerNorm):
-    """LayerNorm computed in float32 whatever the input dtype (as OpenAI CLIP)."""
+    """LayerNorm computed in at least float32 whatever the input dtype (as OpenAI CLIP for half precision).
+
+    A float64 input stays float64 (OpenAI's cast to float32 would fail against float64 weights).
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        return super().forward(x.float()).to(dtype)
+        return super().forward(x.to(torch.promote_types(dtype, torch.float32))).to(dtype)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -81,8 +94,13 @@ class Transformer(nn.Module):
         return self.resblocks(x)
 
 
+#: The embeddings a :class:`CLIPVisionTransformer` can return; the first is the default.
+CLIP_EMBEDDINGS = ("class_token", "projected")
+EmbeddingName = Literal["class_token", "projected"]
+
+
 class CLIPVisionTransformer(nn.Module):
-    """OpenAI CLIP's image tower returning ``(batch, output_dim)`` projected embeddings.
+    """OpenAI CLIP's image tower returning the class token (``width``-d) or the projected embedding.
 
     Args:
         input_resolution: image side in pixels (224 for ViT-B/32).
@@ -93,6 +111,8 @@ class CLIPVisionTransformer(nn.Module):
         output_dim: size of the projected embedding (512).
         activation: ``"quick_gelu"`` (OpenAI CLIP) or ``"gelu"`` (exact GELU, as timm's
             ``vit_base_patch32_clip_224`` computes); the parameter layout is the same.
+        embedding: ``"class_token"`` (``(batch, width)``, post-``ln_post`` class token, the
+            authors' features) or ``"projected"`` (``(batch, output_dim)``, ``encode_image``).
     """
 
     def __init__(
@@ -104,6 +124,7 @@ class CLIPVisionTransformer(nn.Module):
         heads: int,
         output_dim: int,
         activation: Literal["quick_gelu", "gelu"] = "quick_gelu",
+        embedding: EmbeddingName = "class_token",
     ) -> None:
         super().__init__()
         if input_resolution % patch_size:
@@ -112,10 +133,13 @@ class CLIPVisionTransformer(nn.Module):
             raise ValueError(f"heads {heads} does not divide width {width}")
         if activation not in ("quick_gelu", "gelu"):
             raise ValueError(f"activation must be 'quick_gelu' or 'gelu', got {activation!r}")
+        if embedding not in CLIP_EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {CLIP_EMBEDDINGS}, got {embedding!r}")
         self.input_resolution = input_resolution
         self.patch_size = patch_size
         self.output_dim = output_dim
-        self.embed_dim = output_dim
+        self.embedding = embedding
+        self.embed_dim = width if embedding == "class_token" else output_dim
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         scale = width**-0.5
         grid = input_resolution // patch_size
@@ -140,4 +164,5 @@ class CLIPVisionTransformer(nn.Module):
         return self.transformer(self.ln_pre(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln_post(self.forward_tokens(x)[:, 0, :]) @ self.proj
+        cls = self.ln_post(self.forward_tokens(x)[:, 0, :])
+        return cls if self.embedding == "class_token" else cls @ self.proj

@@ -103,7 +103,7 @@ def build_cascade(
     from selfmask.objectives import SwAVConfig
     from selfmask.storage import load_mask, load_run, save_mask
     from selfmask.training.config import TrainConfig
-    from selfmask.training.run_folder import RunFolder, read_run_config
+    from selfmask.training.run_folder import RunFolder, read_run_config, run_embedding
     from selfmask.training.ssl import adapt_swav
 
     cfg = cfg or CascadeConfig()
@@ -124,7 +124,7 @@ def build_cascade(
     weights = dcfg.get("weights")
     t0 = time.perf_counter()
     rebuilt = load_run(dispatcher)
-    info = backbone_info(rebuilt.backbone)
+    info = backbone_info(rebuilt.backbone, run_embedding(dcfg))  # the dispatcher's embedding
     if train_set.resolution != info.input_size:
         raise SelfmaskError(f"cascade: {train_set.name!r} has {train_set.resolution} px images, {info.name} expects "
                             f"{info.input_size}")
@@ -137,7 +137,7 @@ def build_cascade(
         log.warning("router: %s", note)
     swav_dict = dcfg.get("swav") or {}
     torch.manual_seed(int(dcfg["seed"]))
-    base_buffers = {k: v.clone() for k, v in create_backbone(info.name, weights).named_buffers()}
+    base_buffers = {k: v.clone() for k, v in create_backbone(info.name, weights, info.embedding).named_buffers()}
     experts_report: list[dict[str, Any]] = []
     expert_masks = []
     for g in range(router.num_groups):
@@ -157,7 +157,7 @@ def build_cascade(
                                     if swav_dict else {})
         crops = _multicrop_from_dict(dcfg.get("crops"), info, seed)
         torch.manual_seed(int(dcfg["seed"]))  # the dispatcher's base weights (a random base depends on the seed)
-        backbone = create_backbone(info.name, weights)
+        backbone = create_backbone(info.name, weights, info.embedding)
         run = RunFolder(out / "runs" / expert_name(g), overwrite=True).prepare()
         start = time.perf_counter()
         result = adapt_swav(backbone, info, subset, tcfg, swav, crops=crops, run=run,
@@ -177,7 +177,7 @@ def build_cascade(
         if on_expert is not None:
             on_expert(g, row)
     torch.manual_seed(int(dcfg["seed"]))
-    base = create_backbone(info.name, weights)
+    base = create_backbone(info.name, weights, info.embedding)
     cascade = Cascade(base, info, load_mask(out / "root.mask"), expert_masks, router)
     fit_fusion(cascade, train_set, cfg.fusion_dim or info.embed_dim, batch_size)
     report = {

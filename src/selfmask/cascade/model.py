@@ -42,6 +42,7 @@ from selfmask.io import atomic_save_safetensors, atomic_write_json, read_safeten
 from selfmask.masking.model import base_state_dict
 from selfmask.storage import MaskBank, MaskFile, check_fingerprint, encode_mask_file, load_mask
 from selfmask.storage.container import atomic_write_bytes
+from selfmask.training.run_folder import run_embedding
 
 FORMAT_NAME = "selfmask.cascade"
 FORMAT_VERSION = 1
@@ -250,6 +251,7 @@ class Cascade:
             "backbone": root.backbone,
             "fingerprint": root.fingerprint,
             "embed_dim": self.info.embed_dim,
+            "embedding": self.info.embedding,
             "root": files[ROOT],
             "experts": [files[expert_name(g)] for g in range(self.num_experts)],
             "router": {"file": "router.safetensors", "sha256": _sha256(path / "router.safetensors"),
@@ -284,10 +286,10 @@ class Cascade:
                 weights = meta.get("weights")
             with torch.random.fork_rng(devices=[]):  # weights null: the random base of the dispatcher's seed
                 torch.manual_seed(int(meta.get("base_seed", 0)))
-                model = create_backbone(name, weights)
+                model = create_backbone(name, weights, run_embedding(manifest))
         else:
             model = backbone
-        info = backbone_info(manifest["backbone"])
+        info = backbone_info(manifest["backbone"], run_embedding(manifest))  # older manifests: the legacy one
         model.to(device)
 
         def checked(entry: dict[str, Any], what: str) -> Path:

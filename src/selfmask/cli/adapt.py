@@ -10,6 +10,7 @@ from typing import Any
 from selfmask.cli.common import (
     add_backbone_args,
     add_data_args,
+    add_embedding_arg,
     add_eval_args,
     check_eval_args,
     check_setting_types,
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_data_args(p)
     add_backbone_args(p)
+    add_embedding_arg(p)
     p.add_argument("--out", type=Path, default=None, help="run folder to write (required unless --resume)")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from RUN_DIR/checkpoint.pt with the settings in RUN_DIR/config.json")
@@ -141,7 +143,7 @@ def swav_settings(args: argparse.Namespace, info: object, seed: int):  # noqa: A
 def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """(training settings, other settings): defaults < config file < flags."""
     file_cfg = read_config_file(args.config)
-    other_keys = {"data", "backbone", "weights"}
+    other_keys = {"data", "backbone", "weights", "embedding"}
     switch_fields = {f for f, _v, _h in _SPEED_SWITCHES.values()}
     unknown = set(file_cfg) - set(_TRAIN_FLAGS) - other_keys - {"augment", "flip"} - switch_fields
     if unknown:
@@ -163,6 +165,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
         "data": args.data if args.data != "embedded" or "data" not in file_cfg else file_cfg["data"],
         "backbone": args.backbone or file_cfg.get("backbone") or "resnet_tiny",
         "weights": args.weights or file_cfg.get("weights"),
+        "embedding": args.embedding or file_cfg.get("embedding"),
     }
     return train, other
 
@@ -181,7 +184,7 @@ _SWAV_TRAINING_FLAGS = ("prototypes", "queue_length", "queue_start_epoch", "free
 _SWAV_FLAGS = (*_SWAV_TRAINING_FLAGS, "online_knn_every")
 
 #: Flags that change what is trained; ``--resume`` takes all of them from RUN_DIR/config.json.
-_RESUME_FIXED = (*_TRAIN_FLAGS, "config", "backbone", "weights", *_SWAV_TRAINING_FLAGS)
+_RESUME_FIXED = (*_TRAIN_FLAGS, "config", "backbone", "weights", "embedding", *_SWAV_TRAINING_FLAGS)
 
 
 def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any], tuple[Any, Any] | None]:
@@ -195,7 +198,7 @@ def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     from selfmask.objectives import SwAVConfig
     from selfmask.training.config import TrainConfig
     from selfmask.training.identity import check_saved_run
-    from selfmask.training.run_folder import read_run_config
+    from selfmask.training.run_folder import read_run_config, run_embedding
 
     run_dir = args.resume
     if args.out is not None and Path(args.out).resolve() != Path(run_dir).resolve():
@@ -219,7 +222,8 @@ def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     except (SelfmaskError, TypeError) as exc:
         raise SelfmaskError(f"{where}: invalid 'train' settings ({exc})") from None
     train = {k: v for k, v in cfg.to_dict().items() if k not in ("resolved_lr", "resolved_weight_decay")}
-    other = {"data": saved["data_spec"], "backbone": saved["backbone"], "weights": saved.get("weights")}
+    other = {"data": saved["data_spec"], "backbone": saved["backbone"], "weights": saved.get("weights"),
+             "embedding": run_embedding(saved)}
     swav_crops = None
     if train.get("objective") == "swav":
         for key in ("swav", "crops"):
@@ -272,6 +276,9 @@ def run(args: argparse.Namespace) -> int:
     # every problem (config, device, backbone, weights, data, run folder, disk) at once, before any work
     run_preflight(out=out, backbone=other["backbone"], weights=other["weights"], data=other["data"],
                   train_settings=train_settings, overwrite=args.overwrite and not resume, resume=resume)
+    from selfmask.backbones import backbone_info
+
+    backbone_info(other["backbone"], other["embedding"])  # an embedding the backbone does not offer: one line
     cfg = TrainConfig(**train_settings)
     resolve_device(cfg.device)
     ctx = init_distributed(cfg.device)  # torchrun: join the process group (CUDA checked first)
@@ -297,7 +304,7 @@ def _run(
 
     if not ctx.is_main:  # one log: rank 0's
         logging.getLogger("selfmask").setLevel(logging.WARNING)
-    info = backbone_info(other["backbone"])
+    info = backbone_info(other["backbone"], other["embedding"])
     run_folder = RunFolder(out, overwrite=args.overwrite and not resume)
     if ctx.is_main:  # rank 0 prepares the folder; the others learn whether it could
         try:
@@ -315,7 +322,7 @@ def _run(
     if len(train) == 0 or len(test) == 0:
         raise SelfmaskError(f"data {other['data']!r}: empty split (train {len(train)}, test {len(test)} images)")
     torch.manual_seed(cfg.seed)
-    backbone = create_backbone(info.name, other["weights"])
+    backbone = create_backbone(info.name, other["weights"], info.embedding)
     meta = {"weights": other["weights"], "data_spec": other["data"], "base_fingerprint": model_fingerprint(backbone)}
     try:
         if cfg.objective == "swav":
@@ -343,7 +350,8 @@ def _run(
     if not ctx.is_main:
         return 0  # rank 0 evaluates and writes results.json
     results: dict[str, Any] = {"method": cfg.method, "label_fraction": cfg.label_fraction, "per_class": cfg.per_class,
-                               "seed": cfg.seed, "backbone": info.name, "data": other["data"],
+                               "seed": cfg.seed, "backbone": info.name, "embedding": info.embedding,
+                               "data": other["data"],
                                "final_train_loss": result.history[-1]["loss"], **count_trainable_bits(result)}
     if not args.no_eval:
         try:

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     train, test = load_data(spec, resolution=info.input_size, cache_dir=args.cache_dir)
     cascade, report = build_cascade(args.dispatcher, train, args.out, cfg, overwrite=args.overwrite,
                                     progress=not args.no_progress)
-    results = {"build": report, "storage_bits": cascade.storage_bits(), "data": spec}
+    results = {"build": report, "storage_bits": cascade.storage_bits(), "data": spec, "embedding": cascade.info.embedding}
     if not args.no_eval:
         results["evaluation"] = evaluate_cascade(cascade, train, test, knn_k=args.knn_k,
                                                  knn_temperature=args.knn_temperature,

@@ -23,6 +23,12 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=None, help="local checkpoint of the backbone (.safetensors/.pt/.pth)")
 
 
+def add_embedding_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embedding", default=None, choices=("class_token", "projected"),
+                   help="CLIP ViTs: the 768-d post-LayerNorm class token (default, the paper's features) or the "
+                   "projected 512-d embedding of CLIP's encode_image")
+
+
 def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--knn-k", type=int, default=200, help="neighbours of the weighted k-NN (default 200)")
     p.add_argument("--knn-temperature", type=float, default=0.1, help="k-NN temperature T (default 0.1)")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from selfmask.cli.common import add_backbone_args, add_data_args, add_eval_args, check_eval_args
+from selfmask.cli.common import add_backbone_args, add_data_args, add_embedding_arg, add_eval_args, check_eval_args
 from selfmask.errors import SelfmaskError
 
 
@@ -19,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     add_data_args(p)
     add_backbone_args(p)
+    add_embedding_arg(p)
     p.add_argument("--run", type=Path, default=None, help="evaluate the adapted backbone of this run folder")
     p.add_argument("--label-fraction", type=float, default=None, help="fraction of training labels, in (0, 1]")
     p.add_argument("--per-class", type=int, default=None, help="labelled images per class")
@@ -38,21 +39,21 @@ def run(args: argparse.Namespace) -> int:
     from selfmask.data.subsets import label_subset
     from selfmask.experiments.evaluate import evaluate_features
     from selfmask.io import atomic_write_json
-    from selfmask.training.run_folder import load_run
+    from selfmask.training.run_folder import load_run, run_embedding
     from selfmask.training.trainer import resolve_device
 
     check_eval_args(args)
     resolve_device(args.device)
     if args.run is not None:
-        if args.backbone or args.weights:
-            raise SelfmaskError("give either --run or --backbone/--weights, not both")
+        if args.backbone or args.weights or args.embedding:
+            raise SelfmaskError("give either --run or --backbone/--weights/--embedding, not both")
         backbone, _head, cfg = load_run(args.run, device=args.device)
-        name = cfg["backbone"]
+        info = backbone_info(cfg["backbone"], run_embedding(cfg))
     else:
-        name = args.backbone or "resnet_tiny"
+        info = backbone_info(args.backbone or "resnet_tiny", args.embedding)
         torch.manual_seed(args.seed)
-        backbone = create_backbone(name, args.weights)
-    info = backbone_info(name)
+        backbone = create_backbone(info.name, args.weights, info.embedding)
+    name = info.name
     train, test = load_data(args.data, resolution=info.input_size, cache_dir=args.cache_dir)
     bank = None
     subset = None
@@ -63,7 +64,8 @@ def run(args: argparse.Namespace) -> int:
         backbone, info, train, test, bank_indices=bank, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
         linear_probe=not args.no_probe, seed=args.seed, device=args.device,
     )
-    res = {"backbone": name, "weights": args.weights, "run": str(args.run) if args.run else None, "data": args.data,
+    res = {"backbone": name, "embedding": info.embedding, "weights": args.weights,
+           "run": str(args.run) if args.run else None, "data": args.data,
            "subset": subset.to_dict() if subset is not None else None, **res}
     if args.output is not None:
         atomic_write_json(args.output, res)

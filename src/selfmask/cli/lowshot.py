@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from selfmask.data.sources import load_data
     from selfmask.experiments.lowshot import METHOD_LABELS, NEEDS_SMN, LowShotContext, lowshot_row, summarize
     from selfmask.reports import markdown_table, plot_lowshot
-    from selfmask.training.run_folder import RunFolder, read_run_config
+    from selfmask.training.run_folder import RunFolder, read_run_config, run_embedding
     from selfmask.training.trainer import resolve_device
 
     setup_logging()
@@ -56,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
     for f in args.fractions:
         if not (0.0 < f <= 1.0):
             raise SelfmaskError(f"label fraction must be in (0, 1], got {f}")
+    smn_cfg = None
     if any(m in NEEDS_SMN for m in args.methods):
         if args.smn is None:
             raise SelfmaskError(f"methods {[m for m in args.methods if m in NEEDS_SMN]} need --smn RUN_DIR")
@@ -66,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
             raise SelfmaskError(f"--backbone {name!r} differs from the SMN's backbone {smn_cfg['backbone']!r}")
     else:
         name, weights = args.backbone or "resnet_tiny", args.weights
-    info = backbone_info(name)
+    info = backbone_info(name, run_embedding(smn_cfg) if smn_cfg is not None else None)  # the SMN's embedding
     out = RunFolder(args.out, overwrite=args.overwrite).prepare()
     out.set_status("running")
     train, test = load_data(args.data, resolution=info.input_size, cache_dir=args.cache_dir)
@@ -79,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     summary = summarize(rows)
     plot = plot_lowshot(rows, args.out / "lowshot.png")
     out.write_json("results.json", {
-        "data": args.data, "backbone": name, "weights": weights, "smn": str(args.smn) if args.smn else None,
+        "data": args.data, "backbone": name, "embedding": info.embedding, "weights": weights,
+        "smn": str(args.smn) if args.smn else None,
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "rows": rows, "summary": summary, "plot": str(plot),
     })

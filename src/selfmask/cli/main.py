@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # Subcommand modules, in the order ``selfmask --help`` lists them.
 COMMANDS: tuple[str, ...] = (
     "demo", "adapt", "eval", "pretrain", "lowshot", "pack", "inspect", "apply", "compress-report", "bench", "cascade",
+    "backbones", "reproduce",
 )
 
 

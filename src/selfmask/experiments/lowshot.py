@@ -78,7 +78,7 @@ class LowShotContext:
                 raise SelfmaskError("this method needs a self-masking network: give an SMN run folder")
             return load_run(self.smn_dir, device=self.device)[0]
         torch.manual_seed(0)
-        return create_backbone(self.info.name, self.weights).to(self.device)
+        return create_backbone(self.info.name, self.weights, self.info.embedding).to(self.device)
 
     def features(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         from selfmask.evaluation import extract_features

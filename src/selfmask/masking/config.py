@@ -37,13 +37,27 @@ VIT_TARGETS = (
     r"|(.*\.)?mlp\.(c_fc|c_proj|fc1|fc2)\.(weight|bias)"
 )
 
+#: Fused q/k/v tensors (``nn.MultiheadAttention``/OpenAI CLIP ``in_proj_*``, timm ``attn.qkv``):
+#: q, k and v stacked along dim 0. With ``MaskConfig.split_fused`` each is masked as three parts,
+#: each with its own alpha and top-k count, as the authors' layout with three separate tensors.
+FUSED_QKV = r"(.*\.)?(attn\.in_proj_weight|attn\.in_proj_bias|attn\.qkv\.weight|attn\.qkv\.bias)"
+FUSED_QKV_PARTS = 3
+
 PRESETS: dict[str, str] = {
     "resnet": RESNET_TARGETS,
     "resnet-authors": RESNET_AUTHORS_TARGETS,
     "vit": VIT_TARGETS,
 }
 
+#: MaskConfig fields whose default changed after configs were first recorded, with the values
+#: older records meant (mask files of format version 1, run folders written before issue 17);
+#: a recorded config without such a key is read with these.
+LEGACY_DEFAULTS: dict[str, Any] = {"split_fused": False, "topk_count": "round"}
+
 MODES = ("threshold", "topk")
+#: How many of ``n`` entries a top-k mask keeps: ``"authors"``, ``n - int((1 - keep_ratio) * n)``
+#: (the paper's code); ``"round"``, ``round(keep_ratio * n)`` (selfmask before issue 17). At least one.
+TOPK_COUNTS = ("authors", "round")
 BN_POLICIES = ("train", "eval")
 
 
@@ -83,6 +97,13 @@ class MaskConfig:
             entries keep ``M = 1`` and get no score gradient. A mask file then stores
             only the trainable entries. 1.0 (the default) trains every entry.
             Threshold mode only.
+        split_fused: mask a fused q/k/v tensor (:data:`FUSED_QKV`) as its three parts, each
+            with its own ``alpha`` and, in top-k mode, its own count, as if the layer were
+            three layers (the authors' Hugging Face layout, METHOD.md section 1). ``False``
+            treats it as one tensor (mask files of format version 1 did).
+        topk_count: how many entries top-k keeps of ``n``: ``"authors"`` (the default,
+            ``n - int((1 - keep_ratio) * n)``, the authors' code) or ``"round"``
+            (``round(keep_ratio * n)``, mask files of format version 1).
     """
 
     targets: Targets = "resnet"
@@ -95,6 +116,8 @@ class MaskConfig:
     seed: int = 0
     bn: Literal["train", "eval"] = "train"
     trainable_fraction: float = 1.0
+    split_fused: bool = True
+    topk_count: Literal["authors", "round"] = "authors"
     _pattern: str | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -123,6 +146,10 @@ class MaskConfig:
                 f"MaskConfig.trainable_fraction={self.trainable_fraction} (selective masking) needs "
                 f"mode='threshold', got mode={self.mode!r}"
             )
+        if self.topk_count not in TOPK_COUNTS:
+            raise ValueError(f"MaskConfig.topk_count: unknown rule {self.topk_count!r}; expected one of {TOPK_COUNTS}")
+        if not isinstance(self.split_fused, bool):
+            raise ValueError(f"MaskConfig.split_fused must be true or false, got {self.split_fused!r}")
         if self.init_noise is not None and (not math.isfinite(self.init_noise) or self.init_noise < 0):
             raise ValueError(f"MaskConfig.init_noise must be a finite number >= 0, got {self.init_noise!r}")
         if (
@@ -147,6 +174,17 @@ class MaskConfig:
         """Whether the qualified parameter ``name`` is targeted."""
         assert self._pattern is not None
         return re.fullmatch(self._pattern, name) is not None
+
+    def parts(self, name: str, shape: tuple[int, ...]) -> int:
+        """How many equal parts along dim 0 tensor ``name`` is masked as (1, or 3 for fused q/k/v)."""
+        if not self.split_fused or re.fullmatch(FUSED_QKV, name) is None:
+            return 1
+        if not shape or shape[0] % FUSED_QKV_PARTS:
+            raise ValueError(
+                f"MaskConfig.split_fused: fused q/k/v tensor {name!r} has shape {list(shape)}; its first "
+                f"dimension must be a multiple of {FUSED_QKV_PARTS}"
+            )
+        return FUSED_QKV_PARTS
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> MaskConfig:
@@ -197,4 +235,4 @@ def _compile_targets(targets: Targets) -> str:
     )
 
 
-__all__ = ["PRESETS", "RESNET_AUTHORS_TARGETS", "RESNET_TARGETS", "VIT_TARGETS", "MaskConfig"]
+__all__ = ["FUSED_QKV", "LEGACY_DEFAULTS", "PRESETS", "RESNET_AUTHORS_TARGETS", "RESNET_TARGETS", "VIT_TARGETS", "MaskConfig"]

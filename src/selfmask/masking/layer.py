@@ -21,14 +21,33 @@ def threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return scores > threshold
 
 
-def topk_mask(scores: torch.Tensor, keep_ratio: float) -> torch.Tensor:
+def topk_count(n: int, keep_ratio: float, rule: str = "authors") -> int:
+    """Entries a top-k mask of ``n`` entries keeps, at least one.
+
+    ``"authors"``: ``n - int((1 - keep_ratio) * n)``, as the paper's code (``int`` truncates the
+    count dropped); ``"round"``: ``round(keep_ratio * n)`` (mask files of format version 1).
+    """
+    if rule == "authors":
+        k = n - int((1.0 - keep_ratio) * n)
+    elif rule == "round":
+        k = round(keep_ratio * n)
+    else:
+        raise ValueError(f"topk_count: unknown rule {rule!r}")
+    return max(1, min(n, k))
+
+
+def topk_mask(scores: torch.Tensor, keep_ratio: float, parts: int = 1, rule: str = "authors") -> torch.Tensor:
     """Keep the ``keep_ratio`` fraction of the largest scores (at least one entry).
 
-    Exactly ``max(1, round(keep_ratio * n))`` entries are kept; ties are broken by
-    ``torch.topk``'s (deterministic) order.
+    Exactly :func:`topk_count` entries are kept; ties are broken by ``torch.topk``'s
+    (deterministic) order. With ``parts > 1`` the tensor is cut into that many equal
+    parts along dim 0 and each keeps its own count (fused q/k/v).
     """
+    if parts > 1:
+        chunks = scores.reshape(parts, -1)
+        return torch.stack([topk_mask(chunk, keep_ratio, 1, rule) for chunk in chunks]).view_as(scores)
     n = scores.numel()
-    k = max(1, min(n, round(keep_ratio * n)))
+    k = topk_count(n, keep_ratio, rule)
     if k == n:
         return torch.ones_like(scores, dtype=torch.bool)
     flat = torch.zeros(n, dtype=torch.bool, device=scores.device)
@@ -58,15 +77,26 @@ def selective_trainable_mask(
     return flat.view(tuple(shape))
 
 
-def _inv_alpha(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``1 / sqrt(mean(M))`` without a host synchronisation.
+def _inv_alpha(mask: torch.Tensor, dtype: torch.dtype, parts: int = 1) -> torch.Tensor:
+    """``1 / sqrt(mean(M))`` without a host synchronisation (per part: a ``(parts,)`` tensor).
 
     An all-zero mask would make alpha zero; the output is zero there whatever
     alpha is, so the count is clamped to one to keep every number finite.
     """
     acc = torch.float64 if dtype == torch.float64 else torch.float32
+    if parts > 1:
+        count = mask.reshape(parts, -1).sum(dim=1, dtype=acc).clamp_min(1.0)
+        return torch.rsqrt(count / (mask.numel() // parts)).to(dtype)
     count = mask.sum(dtype=acc).clamp_min(1.0)
     return torch.rsqrt(count / mask.numel()).to(dtype)
+
+
+def _scale_parts(t: torch.Tensor, factor: torch.Tensor) -> None:
+    """``t *= factor`` in place; a ``(parts,)`` factor scales each equal part of dim 0 by its own number."""
+    if factor.dim() == 0:
+        t.mul_(factor)
+    else:
+        t.view(factor.numel(), -1).mul_(factor.unsqueeze(1))
 
 
 class MaskedWeight(torch.autograd.Function):
@@ -79,6 +109,9 @@ class MaskedWeight(torch.autograd.Function):
         dL/dS_i = g_i * w_i / alpha  -  sum_j(g_j * w_j * M_j) / (2 * n * alpha**3)
 
     where ``g = dL/dout``. The second term is the gradient through alpha.
+
+    A fused q/k/v tensor masked in parts has one alpha per part: ``inv_alpha`` is then a
+    ``(parts,)`` tensor, ``n`` and the sum run over each part, exactly as three tensors.
     """
 
     @staticmethod
@@ -89,6 +122,7 @@ class MaskedWeight(torch.autograd.Function):
         mask: torch.Tensor,
         rescale: bool,
         inv_alpha: torch.Tensor | None = None,
+        parts: int = 1,
     ) -> torch.Tensor:
         # ``inv_alpha`` may arrive precomputed (the fast path, :class:`FlatMaskCache`); it is
         # the very number ``_inv_alpha(mask, dtype)`` gives, computed for all tensors at once.
@@ -96,9 +130,9 @@ class MaskedWeight(torch.autograd.Function):
         if not rescale:
             inv_alpha = None
         elif inv_alpha is None:
-            inv_alpha = _inv_alpha(mask, weight.dtype)
+            inv_alpha = _inv_alpha(mask, weight.dtype, parts)
         if inv_alpha is not None:
-            out.mul_(inv_alpha)
+            _scale_parts(out, inv_alpha)
         # The output is the weight the layer uses; the layer saves it for its own
         # backward anyway, so keeping it here costs no memory. The mask (1 byte per
         # entry) is kept only when the weight itself needs a gradient.
@@ -113,16 +147,22 @@ class MaskedWeight(torch.autograd.Function):
         inv_alpha = ctx.inv_alpha
         if ctx.needs_input_grad[1]:
             grad_scores = torch.mul(grad_out, weight)
-            if inv_alpha is not None:
+            if inv_alpha is not None and inv_alpha.dim() == 0:
                 grad_scores.mul_(inv_alpha)
                 # sum(g*w*M) / (2 n alpha^3) = <g, out> * inv_alpha^2 / (2n), as out = w*M*inv_alpha
                 dot = torch.dot(grad_out.reshape(-1), out.reshape(-1))
                 grad_scores.sub_(dot * (inv_alpha * inv_alpha) / (2 * out.numel()))
+            elif inv_alpha is not None:  # one alpha per part: the same per part
+                parts = inv_alpha.numel()
+                _scale_parts(grad_scores, inv_alpha)
+                dot = (grad_out.reshape(parts, -1) * out.reshape(parts, -1)).sum(dim=1)
+                correction = dot * (inv_alpha * inv_alpha) / (2 * (out.numel() // parts))
+                grad_scores.view(parts, -1).sub_(correction[:, None])
         if ctx.needs_input_grad[0]:
             grad_weight = grad_out * mask
             if inv_alpha is not None:
-                grad_weight.mul_(inv_alpha)
-        return grad_weight, grad_scores, None, None, None
+                _scale_parts(grad_weight, inv_alpha)
+        return grad_weight, grad_scores, None, None, None, None
 
 
 class ScoreMask(nn.Module):
@@ -147,6 +187,9 @@ class ScoreMask(nn.Module):
         trainable: selective masking (threshold mode): a bool tensor of the shape,
             True where the entry is trainable; elsewhere ``M = 1`` and the score gets
             no gradient. ``None`` (the default) trains every entry.
+        parts: mask the tensor as this many equal parts along dim 0, each with its own
+            alpha and top-k count (3 for a fused q/k/v tensor; 1, the default, for the rest).
+        topk_count: the top-k count rule (:func:`topk_count`).
     """
 
     def __init__(
@@ -163,8 +206,14 @@ class ScoreMask(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         trainable: torch.Tensor | None = None,
+        parts: int = 1,
+        topk_count: str = "authors",
     ) -> None:
         super().__init__()
+        self.topk_count = topk_count
+        if parts < 1 or (parts > 1 and (not shape or shape[0] % parts)):
+            raise ValueError(f"ScoreMask: cannot cut shape {list(shape)} into {parts} equal parts along dim 0")
+        self.parts = int(parts)
         if mode not in ("threshold", "topk"):
             raise ValueError(f"ScoreMask: unknown mode {mode!r}")
         if mode == "topk" and keep_ratio is None:
@@ -196,7 +245,7 @@ class ScoreMask(nn.Module):
         with torch.no_grad():
             if self.mode == "topk":
                 assert self.keep_ratio is not None
-                return topk_mask(self.scores, self.keep_ratio)
+                return topk_mask(self.scores, self.keep_ratio, self.parts, self.topk_count)
             if self._selective:
                 return threshold_mask(self.scores, self.threshold) | ~self.trainable
             return threshold_mask(self.scores, self.threshold)
@@ -207,16 +256,18 @@ class ScoreMask(nn.Module):
             scores = self.scores
             if self._selective:
                 scores = torch.where(self.trainable, scores, scores.detach())
-            return MaskedWeight.apply(weight, scores, mask, self.rescale, inv_alpha)
+            return MaskedWeight.apply(weight, scores, mask, self.rescale, inv_alpha, self.parts)
         if self._selective:
             # fixed entries: M = 1 (in mask()) and no gradient to their scores
             scores = torch.where(self.trainable, self.scores, self.scores.detach())
-            return MaskedWeight.apply(weight, scores, self.mask(), self.rescale)
-        return MaskedWeight.apply(weight, self.scores, self.mask(), self.rescale)
+            return MaskedWeight.apply(weight, scores, self.mask(), self.rescale, None, self.parts)
+        return MaskedWeight.apply(weight, self.scores, self.mask(), self.rescale, None, self.parts)
 
     def extra_repr(self) -> str:
         detail = f"keep_ratio={self.keep_ratio}" if self.mode == "topk" else f"threshold={self.threshold}"
         text = f"shape={tuple(self.scores.shape)}, mode={self.mode}, {detail}, rescale={self.rescale}"
+        if self.parts > 1:
+            text += f", parts={self.parts}"
         if self._selective:
             text += f", trainable={int(self.trainable.sum())}/{self.trainable.numel()}"
         return text
@@ -237,7 +288,8 @@ class FlatMaskCache:
 
     The numbers are the plain path's: the same comparison, exact integer counts (in
     float32 up to 2**24 entries per tensor, float64 above) and the same
-    ``rsqrt(count / n)``, so masks and masked weights are identical.
+    ``rsqrt(count / n)``, so masks and masked weights are identical. A member masked in
+    parts (fused q/k/v) counts as that many segments and gets a ``(parts,)`` ``1/alpha``.
 
     Args:
         members: threshold-mode score masks (top-k masks cannot share one pass).
@@ -283,6 +335,8 @@ class _FlatGroup:
     def __init__(self, members: list[ScoreMask]) -> None:
         self.members = members
         self.lengths = [pm.scores.numel() for pm in members]
+        # count segments: one per part of each member (fused q/k/v: three)
+        self.segments = [n // pm.parts for pm, n in zip(members, self.lengths) for _ in range(pm.parts)]
         self.flat = torch.empty(0)
         self.masks: list[torch.Tensor] = []
         self.inv_alpha: list[torch.Tensor] = []
@@ -300,10 +354,10 @@ class _FlatGroup:
                 pm.scores.data = self.flat[offset : offset + n].view(pm.scores.shape)
                 offset += n
         device = self.flat.device
-        self._lengths_t = torch.tensor(self.lengths, dtype=torch.long, device=device)
+        self._lengths_t = torch.tensor(self.segments, dtype=torch.long, device=device)
         # exact integer counts: float32 holds every integer up to 2**24
         self._acc = torch.float64 if self.flat.dtype == torch.float64 or max(self.lengths) > 2**24 else torch.float32
-        self._numels = torch.tensor(self.lengths, dtype=self._acc, device=device)
+        self._numels = torch.tensor(self.segments, dtype=self._acc, device=device)
         thresholds = {pm.threshold for pm in self.members}
         self._threshold: float | torch.Tensor = thresholds.pop() if len(thresholds) == 1 else torch.cat(
             [torch.full((n,), pm.threshold, dtype=self.flat.dtype) for pm, n in zip(self.members, self.lengths)]
@@ -334,5 +388,6 @@ class _FlatGroup:
         counts = torch.segment_reduce(mask.to(self._acc), "sum", lengths=self._lengths_t)
         inv_alpha = torch.rsqrt(counts.clamp_min(1.0) / self._numels).to(self.flat.dtype)
         self.masks = [m.view(pm.scores.shape) for m, pm in zip(mask.split(self.lengths), self.members)]
-        self.inv_alpha = list(inv_alpha.unbind())
+        per_member = inv_alpha.split([pm.parts for pm in self.members])
+        self.inv_alpha = [a if pm.parts > 1 else a[0] for a, pm in zip(per_member, self.members)]
         self._versions = [pm.scores._version for pm in self.members]

@@ -139,6 +139,8 @@ def mask_model(model: nn.Module, config: MaskConfig | None = None) -> nn.Module:
                 if config.trainable_fraction < 1.0
                 else None
             ),
+            parts=config.parts(name, tuple(weight.shape)),
+            topk_count=config.topk_count,
         )
         parametrize.register_parametrization(module, tensor_name, pm, unsafe=True)
     if config.bn == "eval":

@@ -56,7 +56,7 @@ def sinkhorn_knopp(
     epsilon: float = 0.05,
     iterations: int = 3,
     all_reduce: AllReduce | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Codes ``Q`` (B, K) for prototype scores ``scores`` (B, K) by Sinkhorn-Knopp.
 
@@ -79,7 +79,9 @@ def sinkhorn_knopp(
         all_reduce: hook that reduces a tensor over processes; ``None`` uses
             ``torch.distributed`` when it is initialised with more than one process,
             else the batch is the whole batch.
-        dtype: float32 or float64, the precision used inside (the result has this dtype).
+        dtype: float32 or float64, the precision used inside (the result has this dtype);
+            ``None`` (the default): the run's, i.e. the scores' dtype, float32 for half
+            precision (a float64 run gets float64 codes).
 
     Returns:
         (B, K) codes, no gradient.
@@ -99,6 +101,8 @@ def sinkhorn_knopp(
         raise SelfmaskError(f"sinkhorn_knopp: epsilon must be a finite number > 0, got {epsilon!r}")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise SelfmaskError(f"sinkhorn_knopp: iterations must be an integer >= 1, got {iterations!r}")
+    if dtype is None:
+        dtype = torch.float64 if scores.dtype == torch.float64 else torch.float32
     if dtype not in (torch.float32, torch.float64):
         raise SelfmaskError(f"sinkhorn_knopp: dtype must be torch.float32 or torch.float64, got {dtype}")
     local_batch, num_prototypes = scores.shape

@@ -18,7 +18,16 @@ from torch import nn
 
 from selfmask.errors import SelfmaskError
 from selfmask.fingerprint import fingerprint_tensors
-from selfmask.masking.model import base_state_dict, current_masks, is_masked, iter_score_masks, mask_config, mask_model, merge_masks
+from selfmask.masking.layer import topk_count
+from selfmask.masking.model import (
+    base_state_dict,
+    current_masks,
+    is_masked,
+    iter_score_masks,
+    mask_config,
+    mask_model,
+    merge_masks,
+)
 from selfmask.storage.maskfile import MaskFile, load_mask
 
 
@@ -113,17 +122,27 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
             raise SelfmaskError(
                 f"apply_mask: the model is masked in mode {config.mode!r}, the file in {mask.config.mode!r}"
             )
+        for key in ("split_fused", "topk_count"):  # what changes the masked weights of the same scores
+            ours, theirs = getattr(config, key), getattr(mask.config, key)
+            if ours != theirs:
+                raise SelfmaskError(
+                    f"apply_mask: the model is masked with {key}={ours!r}, the file with {key}={theirs!r}; "
+                    "apply the file to a plain backbone"
+                )
         targets = {name: pm.scores.shape for name, _m, _t, pm in iter_score_masks(model)}
     else:
         targets = {n: p.shape for n, p in model.named_parameters() if mask.config.matches(n)}
     check_names_and_shapes(targets, mask, "apply_mask")  # before the model is changed in any way
     if mask.config.mode == "topk":
-        for name, stored in mask.masks.items():
-            k = max(1, min(stored.numel(), round(float(mask.config.keep_ratio or 1.0) * stored.numel())))
-            if int(stored.sum()) != k:
+        for info in mask.tensors:
+            stored = mask.masks[info.name]
+            k = topk_count(stored.numel() // info.parts, float(mask.config.keep_ratio or 1.0), mask.config.topk_count)
+            counts = stored.reshape(info.parts, -1).sum(dim=1).tolist()
+            if counts != [k] * info.parts:
+                each = " in each of its parts" if info.parts > 1 else ""
                 raise SelfmaskError(
-                    f"apply_mask: tensor {name!r} has {int(stored.sum())} active entries; top-k with "
-                    f"keep_ratio={mask.config.keep_ratio} keeps {k}"
+                    f"apply_mask: tensor {info.name!r} has {'/'.join(map(str, counts))} active entries; top-k with "
+                    f"keep_ratio={mask.config.keep_ratio} keeps {k}{each}"
                 )
     buffers = check_buffers(model, mask, "apply_mask")
     if not is_masked(model):

@@ -54,9 +54,19 @@ def unpack_bits_shifts(packed: torch.Tensor, numel: int) -> torch.Tensor:
 @dataclass
 class _Task:
     packed: dict[str, torch.Tensor]  # name -> uint8 packed bits on the model's device
-    inv_alpha: dict[str, torch.Tensor]  # name -> 0-dim 1/sqrt(mean(M)) (or 1 without rescaling)
+    # name -> 1/sqrt(mean(M)) (or 1 without rescaling): 0-dim, or one per row of a tensor masked in parts
+    inv_alpha: dict[str, torch.Tensor]
     extra: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]  # adapted buffers (BatchNorm statistics) by name
+
+
+def _part_inv_alpha(mask: torch.Tensor, dtype: torch.dtype, parts: int) -> torch.Tensor:
+    """``1/alpha`` of ``mask``: 0-dim, or (masked in parts) one per row, broadcastable to the mask."""
+    inv_alpha = _inv_alpha(mask, dtype, parts)
+    if parts == 1:
+        return inv_alpha
+    rows = inv_alpha.repeat_interleave(mask.shape[0] // parts)
+    return rows.view(mask.shape[0], *([1] * (mask.dim() - 1)))
 
 
 class MaskBank:
@@ -99,6 +109,7 @@ class MaskBank:
             if bname not in self._buffer_originals:
                 self._buffer_originals[bname] = self._buffers[bname].detach().clone()
         packed, inv_alpha = {}, {}
+        parts = {info.name: info.parts for info in mask.tensors}
         for tname, m in mask.masks.items():
             param = self._params[tname]
             if tname not in self._originals:
@@ -110,7 +121,8 @@ class MaskBank:
             )
             dtype = param.dtype
             ones = torch.ones((), dtype=dtype, device=param.device)
-            inv_alpha[tname] = _inv_alpha(m.to(param.device), dtype) if mask.config.rescale else ones
+            rescale = mask.config.rescale
+            inv_alpha[tname] = _part_inv_alpha(m.to(param.device), dtype, parts[tname]) if rescale else ones
         self._tasks[name] = _Task(packed, inv_alpha, dict(mask.extra), buffers)
 
     def remove(self, name: str) -> None:

@@ -134,7 +134,7 @@ def parse_json(raw: bytes | str, kind: type, what: str) -> Any:
 
 
 def _selfmask_metadata(metadata: object, where: str) -> dict[str, Any]:
-    from selfmask.storage.maskfile import FORMAT_NAME, FORMAT_VERSION
+    from selfmask.storage.maskfile import FORMAT_NAME, READ_VERSIONS
 
     if not isinstance(metadata, dict) or not isinstance(metadata.get("selfmask"), str):
         raise SelfmaskError(f"{where}: not a selfmask mask file (no '__metadata__.selfmask' entry in the header)")
@@ -142,10 +142,10 @@ def _selfmask_metadata(metadata: object, where: str) -> dict[str, Any]:
     if meta.get("format") != FORMAT_NAME:
         raise SelfmaskError(f"{where}: not a selfmask mask file (metadata 'format' is not {FORMAT_NAME!r})")
     version = meta.get("version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version not in READ_VERSIONS:
         raise SelfmaskError(
-            f"{where}: unknown format version {version!r}; this selfmask reads version {FORMAT_VERSION} "
-            "(a newer selfmask may read it)"
+            f"{where}: unknown format version {version!r}; this selfmask reads versions "
+            f"{', '.join(map(str, READ_VERSIONS))} (a newer selfmask may read it)"
         )
     return meta
 

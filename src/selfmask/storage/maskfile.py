@@ -1,11 +1,12 @@
 """Mask files: the learned binary masks of a model at close to their information limit.
 
-A mask file (format ``selfmask.mask``, version 1; see docs/storage.md) holds
+A mask file (format ``selfmask.mask``, version :data:`FORMAT_VERSION`; see docs/storage.md) holds
 
 * the backbone name and the sha256 fingerprint of the exact base tensors the masks
   were trained on (:func:`selfmask.fingerprint.model_fingerprint`),
 * the :class:`~selfmask.masking.MaskConfig` (so a plain backbone can be masked again),
-* per masked tensor: name, shape, active count, codec and payload (``mask.<name>``);
+* per masked tensor: name, shape, active count, codec and payload (``mask.<name>``),
+  and (version 2) the number of parts it is masked as (3 for a fused q/k/v tensor);
   the writer picks the smallest codec per tensor (:mod:`selfmask.storage.codecs`),
 * extra trained tensors, e.g. a linear head (``extra.<name>``),
 * a checksum over the whole file.
@@ -32,14 +33,23 @@ from torch import nn
 
 from selfmask.errors import SelfmaskError
 from selfmask.fingerprint import model_fingerprint
-from selfmask.masking.config import MaskConfig
+from selfmask.masking.config import LEGACY_DEFAULTS, MaskConfig
 from selfmask.masking.layer import selective_trainable_mask
 from selfmask.masking.model import binary_entropy, current_masks, mask_config
 from selfmask.storage import codecs
 from selfmask.storage.container import atomic_write_bytes, check_shape, parse_json, read_container, write_container
 
 FORMAT_NAME = "selfmask.mask"
-FORMAT_VERSION = 1
+# --- format versions: the one place that says what each version means ----------------------------
+#: The version this code writes. 1: the first. 2: fused q/k/v tensors masked as three parts
+#: (``MaskConfig.split_fused``; the index records ``parts`` per tensor) and the authors' top-k
+#: count (``MaskConfig.topk_count``).
+FORMAT_VERSION = 2
+#: Versions this code reads.
+READ_VERSIONS = (1, 2)
+#: For a file of an older version: the MaskConfig fields whose default changed since, as that
+#: version's code used them (an old file stores no such key), so it applies bit for bit.
+LEGACY_CONFIG: dict[int, dict[str, Any]] = {1: LEGACY_DEFAULTS}
 #: Default cap on the total number of mask entries a reader decodes (about one byte each in memory).
 #: A hostile file of a few hundred bytes can claim this many entries (a constant mask needs no
 #: payload), so it bounds what reading an untrusted file may allocate: 2 GiB, 24 times the largest
@@ -83,6 +93,7 @@ class MaskTensorInfo:
     coded_active: int
     codec: str
     payload_bytes: int
+    parts: int = 1
 
     @property
     def numel(self) -> int:
@@ -111,6 +122,7 @@ class MaskTensorInfo:
             "active": self.active,
             "fraction_active": self.fraction_active,
             "codec": self.codec,
+            "parts": self.parts,
             "payload_bytes": self.payload_bytes,
             "bits_per_weight": 8 * self.payload_bytes / self.numel if self.numel else 0.0,
             "entropy_bits": self.entropy_bits,
@@ -198,6 +210,14 @@ def _rows(shape: tuple[int, ...], all_stored: bool) -> int | None:
     return shape[0] if all_stored and len(shape) >= 2 and shape[0] > 0 else None
 
 
+def _parts(config: MaskConfig, name: str, shape: tuple[int, ...]) -> int:
+    """The parts tensor ``name`` is masked as (``MaskConfig.parts``), as a SelfmaskError when impossible."""
+    try:
+        return config.parts(name, shape)
+    except ValueError as exc:
+        raise SelfmaskError(str(exc)) from None
+
+
 def _selected_count(config: MaskConfig, numel: int) -> int:
     if config.trainable_fraction >= 1.0 or numel == 0:
         return numel
@@ -241,10 +261,14 @@ def encode_mask_file(
             flat = flat[stored]
         bits = flat.numpy()
         codec, payload = codecs.encode_best(bits, rows=_rows(shape, stored is None))
-        infos.append(MaskTensorInfo(name, shape, int(bits.size), int(np.count_nonzero(bits)), codec, len(payload)))
+        parts = _parts(config, name, shape)
+        infos.append(
+            MaskTensorInfo(name, shape, int(bits.size), int(np.count_nonzero(bits)), codec, len(payload), parts)
+        )
         blobs.append(payload)
     index = [
-        {"name": i.name, "shape": list(i.shape), "active": i.coded_active, "codec": i.codec, "bytes": i.payload_bytes}
+        {"name": i.name, "shape": list(i.shape), "active": i.coded_active, "codec": i.codec, "bytes": i.payload_bytes,
+         **({"parts": i.parts} if i.parts > 1 else {})}
         for i in infos
     ]
     index_bytes = zlib.compress(json.dumps(index, separators=(",", ":")).encode(), 9)
@@ -284,8 +308,9 @@ def decode_mask_file(data: bytes, where: str = "<mask bytes>", *, max_entries: i
         raise SelfmaskError(f"{where}: metadata 'mask_config' must be an object, got {config_dict!r}")
     if type(config_dict.get("seed", 0)) is not int:  # it seeds the selective-masking layout
         raise SelfmaskError(f"{where}: mask_config 'seed' must be an integer, got {config_dict.get('seed')!r}")
+    version = int(meta["version"])  # one of READ_VERSIONS (checked with the container)
     try:
-        config = MaskConfig.from_dict(config_dict)
+        config = MaskConfig.from_dict({**LEGACY_CONFIG.get(version, {}), **config_dict})
     except (TypeError, ValueError, re.error) as exc:
         raise SelfmaskError(f"{where}: invalid mask_config: {exc}") from None
     source = meta.get("source", {})
@@ -328,7 +353,7 @@ def decode_mask_file(data: bytes, where: str = "<mask bytes>", *, max_entries: i
             extra[key[len(EXTRA_PREFIX) :]] = t.view(torch.bfloat16) if tensor.dtype == "BF16" else t
         elif key not in (INDEX_KEY, MASKS_KEY):
             raise SelfmaskError(f"{where}: unexpected tensor {key!r} (expected {INDEX_KEY!r}, {MASKS_KEY!r}, 'extra.*')")
-    return MaskFile(backbone, fingerprint, config, masks, infos, extra, source, len(data), FORMAT_VERSION)
+    return MaskFile(backbone, fingerprint, config, masks, infos, extra, source, len(data), version)
 
 
 def _read_index(compressed: bytes, where: str) -> list[Any]:
@@ -373,12 +398,20 @@ def _check_records(
             raise SelfmaskError(f"{where}: tensor {name!r}: unknown codec {codec!r}; expected one of {codecs.CODECS}")
         if type(nbytes) is not int or nbytes < 0:
             raise SelfmaskError(f"{where}: tensor {name!r}: invalid payload size {nbytes!r}")
+        try:
+            parts = _parts(config, name, shape)
+        except SelfmaskError as exc:
+            raise SelfmaskError(f"{where}: {exc}") from None
+        if rec.get("parts", 1) != parts:
+            raise SelfmaskError(
+                f"{where}: tensor {name!r}: the index says {rec.get('parts')!r} parts, its mask_config {parts}"
+            )
         payload_total += nbytes
         if payload_total > blob_bytes:
             raise SelfmaskError(
                 f"{where}: tensor {name!r}: payloads exceed the {blob_bytes} bytes of {MASKS_KEY!r} (truncated?)"
             )
-        infos.append(MaskTensorInfo(name, shape, coded, active, codec, nbytes))
+        infos.append(MaskTensorInfo(name, shape, coded, active, codec, nbytes, parts))
     if payload_total != blob_bytes:
         raise SelfmaskError(f"{where}: the index accounts for {payload_total} of the {blob_bytes} payload bytes")
     return infos
@@ -448,6 +481,7 @@ def load_mask(path: str | Path, *, max_entries: int = MAX_ENTRIES) -> MaskFile:
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "READ_VERSIONS",
     "MaskFile",
     "MaskTensorInfo",
     "decode_mask_file",

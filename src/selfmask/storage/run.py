@@ -43,6 +43,7 @@ def load_run(run_dir: str | Path) -> RunModel:
     of the adapted model).
     """
     from selfmask.training.run_folder import load_run as rebuild_run
+    from selfmask.training.run_folder import run_embedding
 
     run_dir = Path(run_dir)
     model, head, cfg = rebuild_run(run_dir)
@@ -52,7 +53,7 @@ def load_run(run_dir: str | Path) -> RunModel:
     if head is not None:
         extra.update({f"head.{k}": v.detach() for k, v in head.state_dict().items()})
     torch.manual_seed(int(cfg["seed"]))
-    base_model = create_backbone(cfg["backbone"], cfg.get("weights"))
+    base_model = create_backbone(cfg["backbone"], cfg.get("weights"), run_embedding(cfg))  # the run's base, as built
     base = dict(base_model.named_buffers())
     for name, buf in model.named_buffers():
         if name in base and not torch.equal(buf, base[name]):

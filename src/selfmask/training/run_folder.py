@@ -144,24 +144,36 @@ def read_run_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def run_embedding(cfg: dict[str, Any]) -> str | None:
+    """The embedding a run's ``config.json`` records; runs written before it was recorded used the legacy one."""
+    from selfmask.backbones.registry import LEGACY_EMBEDDING, backbone_info
+
+    if "embedding" in cfg:
+        return str(cfg["embedding"])
+    return LEGACY_EMBEDDING if backbone_info(cfg["backbone"]).embeddings else None
+
+
 def load_run(path: str | Path, device: str = "cpu"):
     """Rebuild ``(backbone, head, config)`` as a run left them: masks with their scores, or FFT weights.
 
     The backbone is built with ``create_backbone(config["backbone"], config["weights"])``
-    (for ``weights: null``, the random initialisation after ``torch.manual_seed(seed)``).
+    (for ``weights: null``, the random initialisation after ``torch.manual_seed(seed)``),
+    returning the embedding the run recorded (see :func:`run_embedding`).
     """
     import torch
 
     from selfmask.backbones import backbone_info, create_backbone
     from selfmask.masking import MaskConfig, mask_model
+    from selfmask.masking.config import LEGACY_DEFAULTS
 
     path = Path(path)
     cfg = read_run_config(path)
     torch.manual_seed(int(cfg["seed"]))
-    backbone = create_backbone(cfg["backbone"], cfg.get("weights"))
-    info = backbone_info(cfg["backbone"])
+    embedding = run_embedding(cfg)
+    backbone = create_backbone(cfg["backbone"], cfg.get("weights"), embedding)
+    info = backbone_info(cfg["backbone"], embedding)
     if cfg.get("mask"):
-        mask_model(backbone, MaskConfig.from_dict(cfg["mask"]))
+        mask_model(backbone, MaskConfig.from_dict({**LEGACY_DEFAULTS, **cfg["mask"]}))  # older runs: their meaning
         load_scores_and_buffers(backbone, path)
     elif (path / "weights.safetensors").is_file():
         backbone.load_state_dict(read_safetensors(path / "weights.safetensors"))

@@ -186,6 +186,7 @@ def write_run_config(
         "config.json",
         {
             "backbone": info.name,
+            "embedding": info.embedding,
             "weights": meta.pop("weights", None),
             "seed": cfg.seed,
             "mask": mcfg.to_dict() if mcfg else None,
