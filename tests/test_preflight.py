@@ -119,6 +119,7 @@ def test_run_folder_under_a_file_and_finished_runs(tmp_path) -> None:
     (problem,) = _ok(tmp_path, out=tmp_path / "f" / "run")
     assert "is not a folder, so the run folder cannot be created" in problem
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".selfmask-run").touch()  # a run folder (selfmask.training.ownership)
     (tmp_path / "run" / "status.json").write_text(json.dumps({"status": "finished"}))
     (problem,) = _ok(tmp_path)
     assert problem.endswith("already holds a finished run (finished); pass --overwrite to replace it or choose another --out")

@@ -315,7 +315,8 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str =
     """Load ``state`` into ``model`` after checking every key and shape.
 
     A missing BatchNorm ``num_batches_tracked`` counter (old torchvision files) is not
-    an error: the model keeps its own. Tensors are cast to the model's dtypes.
+    an error: the model keeps its own. Tensors are cast to the model's floating-point dtypes;
+    an integer or bool tensor where the model holds floats is an error.
 
     Raises:
         SelfmaskError: listing the missing keys, the unexpected keys and the shape
@@ -339,6 +340,16 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str =
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatch(es): {_short_list(mismatched)}")
         raise SelfmaskError(f"{source}: does not fit backbone {name!r} (wrong architecture?): " + "; ".join(parts))
+    not_float = [
+        f"{k} ({str(state[k].dtype).removeprefix('torch.')})"
+        for k, v in expected.items()
+        if k in state and v.is_floating_point() and not state[k].is_floating_point()
+    ]
+    if not_float:  # integer or bool weights cast to float would train near chance, without a word
+        raise SelfmaskError(
+            f"{source}: {len(not_float)} tensor(s) that must hold floating-point numbers hold another type "
+            f"(quantised or corrupted weights?): {_short_list(not_float)}"
+        )
     full = dict(state)
     for k, v in expected.items():
         full.setdefault(k, v)

@@ -120,6 +120,14 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
     return read_json_object(path, f"config file {path}")
 
 
+def check_setting_types(settings: dict[str, Any], where: str, optional: tuple[str, ...] = ("weights",)) -> None:
+    """The path-like settings of a config file (data, backbone, weights) are strings (``optional`` ones may be null)."""
+    for key in ("data", "backbone", "weights"):
+        if key in settings and not isinstance(settings[key], str) and not (key in optional and settings[key] is None):
+            null = " or null" if key in optional else ""
+            raise SelfmaskError(f"{where}: {key!r} must be a string{null}, got {settings[key]!r}")
+
+
 def check_eval_args(args: argparse.Namespace) -> None:
     if args.knn_k < 1:
         raise SelfmaskError(f"--knn-k must be >= 1, got {args.knn_k}")

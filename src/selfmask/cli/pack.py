@@ -21,8 +21,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfmask.storage import load_run, save_mask
+    from pathlib import Path
 
+    from selfmask.storage import load_run, save_mask
+    from selfmask.storage.container import check_output_path
+    from selfmask.training.run_folder import RUN_FILES
+
+    inputs = [Path(args.run_dir) / name for name in RUN_FILES]
+    check_output_path(args.output, overwrite=args.overwrite, inputs=inputs)  # refuse before any work
     rebuilt = load_run(args.run_dir)
     infos = save_mask(
         rebuilt.model,
@@ -31,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         extra=rebuilt.extra,
         overwrite=args.overwrite,
         source=rebuilt.source,
+        base_fingerprint=rebuilt.base_fingerprint,
+        inputs=inputs,
     )
     numel = sum(i.numel for i in infos)
     payload = sum(i.payload_bytes for i in infos)

@@ -68,10 +68,9 @@ def load_data(
         for sub in ("train", "test"):
             if not (root / sub).is_dir():
                 raise SelfmaskError(f"{spec}: expected a folder {root / sub} (one subfolder per class)")
-        return (
-            load_image_folder(root / "train", resolution, cache_dir=cache_dir),
-            load_image_folder(root / "test", resolution, cache_dir=cache_dir),
-        )
+        train = load_image_folder(root / "train", resolution, cache_dir=cache_dir)
+        # one class index for both splits: the training split's (a test class without training images is refused)
+        return train, load_image_folder(root / "test", resolution, cache_dir=cache_dir, classes=train.classes)
     if kind == "split":
         from selfmask.data.splits import load_split
 
