@@ -109,3 +109,18 @@ def test_compose_keeps_glyph_visible() -> None:
     without = compose(torch.zeros_like(masks), 32, app, torch.Generator().manual_seed(0)).float()
     per_image = (with_glyph - without).abs().mean((1, 2, 3))
     assert bool((per_image > 5).all())
+
+
+def test_load_data_resizes_for_a_larger_backbone_input(tiny: tuple[embedded.EmbeddedBenchmark, Path]) -> None:
+    """`--backbone efficientnet_lite0_64 --data embedded` gets 64 px images, not silently 32 px ones."""
+    from selfmask.data.sources import load_data
+
+    bench, root = tiny
+    train, test = load_data("embedded-tiny", resolution=64, cache_dir=root)
+    assert train.images.shape[1:] == (3, 64, 64) and test.resolution == 64
+    assert torch.equal(train.labels, bench.downstream_train.labels) and train.meta["resized_from"] == 32
+    same, _ = load_data("embedded-tiny", resolution=32, cache_dir=root)
+    assert same.images is bench.downstream_train.images or torch.equal(same.images, bench.downstream_train.images)
+    # bicubic upsampling: a 2x2 average of the 64 px image is close to the 32 px one
+    down = torch.nn.functional.avg_pool2d(train.images.float(), 2)
+    assert (down - bench.downstream_train.images.float()).abs().mean() < 8

@@ -55,8 +55,9 @@ def test_config_backbone_and_device_problems(tmp_path) -> None:
     assert problems == [
         "config: batch_size must be >= 1, got 0",
         "backbone: unknown backbone 'resnet_huge'; available: " + ", ".join(
-            ["resnet18", "resnet50", "resnet_small", "resnet_tiny", "vit_b_32_clip", "vit_b_32_clip_gelu",
-             "vit_tiny_clip"]),
+            ["efficientnet_lite0", "efficientnet_lite0_32", "efficientnet_lite0_64", "resnet18", "resnet50",
+             "resnet_small", "resnet_tiny", "vit_b_32_clip", "vit_b_32_clip_gelu", "vit_tiny_clip"])
+        + "; or timm:NAME, torchvision:NAME, open_clip:NAME or module.path:factory",
     ]
     problems = _ok(tmp_path, train_settings={"device": "tpu"})
     assert problems == ["config: unsupported device 'tpu'; expected cpu or cuda[:N]"]
@@ -118,6 +119,7 @@ def test_run_folder_under_a_file_and_finished_runs(tmp_path) -> None:
     (problem,) = _ok(tmp_path, out=tmp_path / "f" / "run")
     assert "is not a folder, so the run folder cannot be created" in problem
     (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".selfmask-run").touch()  # a run folder (selfmask.training.ownership)
     (tmp_path / "run" / "status.json").write_text(json.dumps({"status": "finished"}))
     (problem,) = _ok(tmp_path)
     assert problem.endswith("already holds a finished run (finished); pass --overwrite to replace it or choose another --out")

@@ -77,16 +77,32 @@ def test_sigint_stops_cleanly_then_resumes(tmp_path, reference) -> None:
             os.kill(os.getpid(), signal.SIGINT)
 
     handle = bb.register_forward_hook(interrupt)
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when started in the background (nohup ... &)
     with pytest.raises(KeyboardInterrupt):
         adapt(bb, INFO, DATA, CFG, run=RunFolder(tmp_path / "run").prepare(), progress=False)
     handle.remove()
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["status"] == "interrupted" and status["step"] == 3
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert signal.getsignal(signal.SIGINT) is before  # whatever handler was there is restored
     resumed = adapt(_bb(), INFO, DATA, CFG, run=RunFolder(tmp_path / "run").prepare(), progress=False, resume=True)
     for k, v in ref_scores.items():
         assert torch.equal(v, _scores(resumed)[k]), k
+
+
+def test_sigint_handler_found_is_restored_even_sig_ign(tmp_path) -> None:
+    """Started in the background (``nohup ... &``) SIGINT is ignored; training must leave it ignored."""
+    bb = _bb()
+    handle = bb.register_forward_hook(lambda *_a: os.kill(os.getpid(), signal.SIGINT))
+    original = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # training's own handler still stops the run cleanly
+            adapt(bb, INFO, DATA, CFG, run=RunFolder(tmp_path / "run").prepare(), progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, original)
+        handle.remove()
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "interrupted"
 
 
 def test_resume_refuses_other_settings_or_missing_checkpoint(tmp_path) -> None:

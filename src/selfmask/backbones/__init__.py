@@ -1,6 +1,7 @@
-"""Backbones with torchvision / OpenAI CLIP parameter layouts, built without those libraries."""
+"""Backbones with torchvision / OpenAI CLIP / efficientnet-lite-pytorch layouts, built without those libraries."""
 
 from selfmask.backbones import zoo as _zoo  # noqa: F401  (registers the backbones)
+from selfmask.backbones.efficientnet import EfficientNetLite, imagenet_classifier
 from selfmask.backbones.loading import (
     LoadReport,
     backbone_fingerprint,
@@ -26,6 +27,7 @@ __all__ = [
     "BasicBlock",
     "Bottleneck",
     "CLIPVisionTransformer",
+    "EfficientNetLite",
     "LoadReport",
     "QuickGELU",
     "ResNet",
@@ -34,6 +36,7 @@ __all__ = [
     "build_backbone",
     "create_backbone",
     "describe_backbone",
+    "imagenet_classifier",
     "list_backbones",
     "load_backbone_weights",
     "load_state_dict_file",

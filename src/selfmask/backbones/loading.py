@@ -41,7 +41,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from selfmask.backbones.registry import build_backbone
+from selfmask.backbones.external import external_info, is_external
+from selfmask.backbones.registry import backbone_info, build_backbone
 from selfmask.backbones.vit import CLIPVisionTransformer
 from selfmask.errors import SelfmaskError
 
@@ -60,6 +61,7 @@ SELECTOR_PREFIXES = {"backbone.": "non-backbone keys (heads)", "visual.": "CLIP 
 #: Heads that are not part of an embedding backbone: dropped with a note.
 HEAD_PREFIXES = {
     "fc.": "classification head",
+    "_fc.": "classification head",
     "projection_head.": "SwAV projection head",
     "prototypes.": "SwAV prototypes",
 }
@@ -290,15 +292,18 @@ def timm_vit_to_openai_clip(state: Mapping[str, torch.Tensor], source: str = "ch
 def adapt_state_dict(
     state: dict[str, torch.Tensor], model: nn.Module, source: str = "checkpoint", report: LoadReport | None = None
 ) -> dict[str, torch.Tensor]:
-    """Map foreign names onto the model's and drop head keys the model does not have."""
+    """Map foreign names onto the model's and drop head keys the model does not have (or had removed)."""
     model_keys = set(model.state_dict())
     if isinstance(model, CLIPVisionTransformer) and is_timm_vit_layout(state):
         state = timm_vit_to_openai_clip(state, source)
         if report is not None:
             report.layout = "timm"
+    removed_head = set(getattr(model, "removed_head_keys", ()))  # a model whose classifier was removed
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
         reason = next((r for p, r in HEAD_PREFIXES.items() if k.startswith(p) and k not in model_keys), None)
+        if reason is None and k in removed_head and k not in model_keys:
+            reason = "removed classifier"
         if reason is None:
             out[k] = v
         elif report is not None:
@@ -310,7 +315,8 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str =
     """Load ``state`` into ``model`` after checking every key and shape.
 
     A missing BatchNorm ``num_batches_tracked`` counter (old torchvision files) is not
-    an error: the model keeps its own. Tensors are cast to the model's dtypes.
+    an error: the model keeps its own. Tensors are cast to the model's floating-point dtypes;
+    an integer or bool tensor where the model holds floats is an error.
 
     Raises:
         SelfmaskError: listing the missing keys, the unexpected keys and the shape
@@ -334,6 +340,16 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], source: str =
         if mismatched:
             parts.append(f"{len(mismatched)} shape mismatch(es): {_short_list(mismatched)}")
         raise SelfmaskError(f"{source}: does not fit backbone {name!r} (wrong architecture?): " + "; ".join(parts))
+    not_float = [
+        f"{k} ({str(state[k].dtype).removeprefix('torch.')})"
+        for k, v in expected.items()
+        if k in state and v.is_floating_point() and not state[k].is_floating_point()
+    ]
+    if not_float:  # integer or bool weights cast to float would train near chance, without a word
+        raise SelfmaskError(
+            f"{source}: {len(not_float)} tensor(s) that must hold floating-point numbers hold another type "
+            f"(quantised or corrupted weights?): {_short_list(not_float)}"
+        )
     full = dict(state)
     for k, v in expected.items():
         full.setdefault(k, v)
@@ -373,6 +389,9 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> LoadReport:
 def create_backbone(name: str, weights: str | Path | None = None, embedding: str | None = None) -> nn.Module:
     """Build backbone ``name``; with ``weights``, load them from a local file.
 
+    Without ``weights``, a backbone whose :class:`BackboneInfo` names default weights
+    (``efficientnet_lite0``: the ImageNet checkpoint of an installed package) loads those;
+    the others keep their random initialisation (:func:`build_backbone`).
     ``embedding`` picks the output of a backbone that offers several (CLIP ViTs:
     ``"class_token"``, the default, or ``"projected"``); ``None`` is the backbone's default.
 
@@ -380,6 +399,11 @@ def create_backbone(name: str, weights: str | Path | None = None, embedding: str
     fingerprint) is attached as ``model.weights_report``.
     """
     model = build_backbone(name, embedding)
+    if is_external(name):
+        external_info(name, model)  # cache the embedding size and preset from this build (no second one)
+    default = backbone_info(name).default_weights
+    if weights is None and default is not None:
+        weights = default()
     if weights is not None:
         model.weights_report = load_backbone_weights(model, weights)  # type: ignore[assignment]
     return model

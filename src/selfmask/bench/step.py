@@ -44,7 +44,7 @@ def _make_variant(
     info = backbone_info(backbone)
     head = nn.Linear(info.embed_dim, num_classes).to(device)
     if masked:
-        mask_model(model, MaskConfig.preset(info.mask_preset))
+        mask_model(model, MaskConfig(targets=info.mask_preset))
         if fast_masks:
             enable_fast_masks(model)
         params = [p for p in model.parameters() if p.requires_grad]

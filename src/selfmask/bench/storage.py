@@ -8,6 +8,8 @@
 * :func:`bank_switch_time`: a :class:`~selfmask.storage.MaskBank` task switch against one
   copy of the masked weights (``deactivate``, the memory-bandwidth floor), interleaved,
   medians.
+* :func:`bank_mixed_throughput`: batches mixing 2 / 8 / 32 tasks through ``MaskBank.run``
+  against one resident merged model per task; images/s and memory.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from selfmask.bench.timing import interleaved_medians
 from selfmask.fingerprint import model_fingerprint
 from selfmask.masking.config import MaskConfig
 from selfmask.storage.bank import MaskBank
-from selfmask.storage.maskfile import decode_mask_file, encode_mask_file
+from selfmask.storage.maskfile import MaskFile, decode_mask_file, encode_mask_file
 from selfmask.storage.report import packed_mask_bytes
 
 RESNET50_MASKED_WEIGHTS = 23_462_592
@@ -136,6 +138,115 @@ def mask_file_size(
     }
 
 
+def _bank_of_random_tasks(
+    model: torch.nn.Module, backbone: str, preset: str, tasks: list[str], active_fraction: float, seed: int
+) -> tuple[MaskBank, list[MaskFile], dict[str, torch.Size]]:
+    """A MaskBank over ``model`` holding one random mask file per task (seeds ``seed + 1 + i``)."""
+    config = MaskConfig(targets=preset)
+    shapes = {n: p.shape for n, p in model.named_parameters() if config.matches(n)}
+    fingerprint = model_fingerprint(model)
+    bank, files = MaskBank(model), []
+    for i, task in enumerate(tasks):
+        data, _ = encode_mask_file(
+            _random_masks(shapes, active_fraction, seed + 1 + i), backbone=backbone, fingerprint=fingerprint, config=config
+        )
+        files.append(decode_mask_file(data))
+        bank.add(task, files[-1])
+    return bank, files, shapes
+
+
+def _state_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def bank_mixed_throughput(
+    backbone: str = "resnet_tiny",
+    device: str = "cpu",
+    batch: int = 64,
+    task_counts: tuple[int, ...] = (2, 8, 32),
+    active_fraction: float = 0.923,
+    repeats: int = 5,
+    seed: int = 0,
+) -> dict[str, object]:
+    """Mixed-task batches through one MaskBank against one merged model per task (issue 15).
+
+    For each number of tasks ``n``, a batch of ``batch`` images whose samples are spread over
+    ``n`` tasks (seeded shuffle) runs (a) through :meth:`MaskBank.run` (one switch per task) and
+    (b) through ``n`` resident merged models, each on its own samples (no switch). Interleaved,
+    medians; images/s of each and their ratio, the largest output difference, and the memory of
+    one backbone + the bank (originals of the masked weights and 1 bit per weight per task)
+    against ``n`` copies of the model.
+    """
+    from selfmask.storage.apply import merge_mask
+
+    dev = torch.device(device)
+    info = backbone_info(backbone)
+    torch.manual_seed(seed)
+    model = build_backbone(backbone).to(dev).eval()
+    tasks = [f"t{i}" for i in range(max(task_counts))]
+    bank, files, shapes = _bank_of_random_tasks(model, backbone, info.mask_preset, tasks, active_fraction, seed)
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = []
+    for f in files:
+        copy = build_backbone(backbone).to(dev).eval()
+        copy.load_state_dict(base)
+        merged.append(merge_mask(copy, f).eval())
+    x = torch.randn(batch, 3, info.input_size, info.input_size, generator=torch.Generator().manual_seed(seed)).to(dev)
+    model_bytes, rows = _state_bytes(model), []
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    for n in task_counts:
+        ids = (torch.arange(batch) % n)[torch.randperm(batch, generator=torch.Generator().manual_seed(seed + n))]
+        groups = [(t, torch.nonzero(ids == t).flatten().to(dev)) for t in range(n) if bool((ids == t).any())]
+
+        def mixed(ids=ids) -> torch.Tensor:
+            return bank.run(x, ids)
+
+        def per_task(groups=groups) -> torch.Tensor:
+            out = None
+            for t, index in groups:
+                y = merged[t](x.index_select(0, index))
+                out = y.new_empty((batch, *y.shape[1:])) if out is None else out
+                out.index_copy_(0, index, y)
+            return out
+
+        with torch.no_grad():
+            diff = (mixed() - per_task()).abs().max().item()  # also the warm-up
+            times: dict[str, list[float]] = {"mixed": [], "per_task": []}
+            for r in range(repeats):
+                for name, fn in (("mixed", mixed), ("per_task", per_task))[:: 1 if r % 2 == 0 else -1]:
+                    sync()
+                    t0 = time.perf_counter()
+                    fn()
+                    sync()
+                    times[name].append(time.perf_counter() - t0)
+        mixed_s, per_task_s = statistics.median(times["mixed"]), statistics.median(times["per_task"])
+        bank_bytes = model_bytes + bank.original_bytes() + n * bank.packed_bytes() // len(tasks)
+        rows.append({
+            "tasks": n,
+            "mixed_images_per_s": batch / mixed_s,
+            "merged_images_per_s": batch / per_task_s,
+            "mixed_over_merged_time": mixed_s / per_task_s,
+            "max_abs_diff": diff,
+            "bank_bytes": bank_bytes,
+            "merged_copies_bytes": n * model_bytes,
+            "memory_ratio": bank_bytes / (n * model_bytes),
+        })
+    return {
+        "backbone": backbone,
+        "device": device,
+        "batch": batch,
+        "masked_weights": sum(s.numel() for s in shapes.values()),
+        "active_fraction": active_fraction,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "rows": rows,
+    }
+
+
 def bank_switch_time(
     backbone: str = "resnet50",
     preset: str = "resnet-authors",
@@ -156,17 +267,7 @@ def bank_switch_time(
     dev = torch.device(device)
     torch.manual_seed(seed)
     model = build_backbone(backbone).to(dev)
-    shapes = {n: p.shape for n, p in model.named_parameters() if MaskConfig.preset(preset).matches(n)}
-    fingerprint = model_fingerprint(model)
-    bank = MaskBank(model)
-    for i, task in enumerate(("a", "b")):
-        data, _ = encode_mask_file(
-            _random_masks(shapes, active_fraction, seed + 1 + i),
-            backbone=backbone,
-            fingerprint=fingerprint,
-            config=MaskConfig.preset(preset),
-        )
-        bank.add(task, decode_mask_file(data))
+    bank, _, shapes = _bank_of_random_tasks(model, backbone, preset, ["a", "b"], active_fraction, seed)
 
     def sync() -> None:
         if dev.type == "cuda":
@@ -232,4 +333,4 @@ def _bank_images_per_s(
     }
 
 
-__all__ = ["RESNET50_MASKED_WEIGHTS", "bank_switch_time", "mask_file_size"]
+__all__ = ["RESNET50_MASKED_WEIGHTS", "bank_mixed_throughput", "bank_switch_time", "mask_file_size"]

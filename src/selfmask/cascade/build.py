@@ -130,7 +130,7 @@ def build_cascade(
                             f"{info.input_size}")
     out.mkdir(parents=True, exist_ok=True)
     save_mask(rebuilt.model, out / "root.mask", backbone=rebuilt.backbone, extra=rebuilt.extra, overwrite=True,
-              source={**rebuilt.source, "role": "root"})
+              source={**rebuilt.source, "role": "root"}, base_fingerprint=rebuilt.base_fingerprint)
     feats = extract_features(rebuilt.model, train_set, info.mean, info.std, batch_size=batch_size)
     router, groups = fit_router(feats, cfg.num_experts, cfg.router, cfg.router_dim, cfg.min_group_size, cfg.seed)
     for note in router.notes:
@@ -166,6 +166,7 @@ def build_cascade(
         # run's own seed, while an expert's base is the dispatcher's
         save_mask(result.backbone, out / f"{expert_name(g)}.mask", backbone=info.name,
                   extra=_changed_buffers(result.backbone, base_buffers), overwrite=True,
+                  base_fingerprint=rebuilt.base_fingerprint,
                   source={"run_dir": f"runs/{expert_name(g)}", "weights": weights, "seed": seed, "role": "expert",
                           "group": g})
         expert_masks.append(load_mask(out / f"{expert_name(g)}.mask"))

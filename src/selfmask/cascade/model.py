@@ -37,8 +37,9 @@ from selfmask.cascade.fusion import FusionPCA, concat_parts
 from selfmask.cascade.router import Router
 from selfmask.data.base import normalize_batch
 from selfmask.errors import SelfmaskError
-from selfmask.fingerprint import model_fingerprint
+from selfmask.fingerprint import fingerprint_tensors
 from selfmask.io import atomic_save_safetensors, atomic_write_json, read_safetensors
+from selfmask.masking.model import base_state_dict
 from selfmask.storage import MaskBank, MaskFile, check_fingerprint, encode_mask_file, load_mask
 from selfmask.storage.container import atomic_write_bytes
 from selfmask.training.run_folder import run_embedding
@@ -91,9 +92,10 @@ class Cascade:
                                 f"{info.embed_dim}")
         self.info = info
         self.masks = {ROOT: root, **{expert_name(g): m for g, m in enumerate(experts)}}
-        fingerprint = model_fingerprint(backbone)
+        base_state = base_state_dict(backbone)
+        fingerprint = fingerprint_tensors(base_state)
         for name, mask in self.masks.items():
-            check_fingerprint(fingerprint, mask, what=f"cascade {name}")  # MaskBank.add checks names and shapes
+            check_fingerprint(fingerprint, mask, what=f"cascade {name}", base_state=base_state)  # MaskBank.add checks names and shapes
         self.bank = MaskBank(backbone)
         for name, mask in self.masks.items():
             self.bank.add(name, mask)

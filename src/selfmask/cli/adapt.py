@@ -13,6 +13,7 @@ from selfmask.cli.common import (
     add_embedding_arg,
     add_eval_args,
     check_eval_args,
+    check_setting_types,
     read_config_file,
     setup_logging,
 )
@@ -154,6 +155,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str
     unknown = set(file_cfg) - set(_TRAIN_FLAGS) - other_keys - {"augment", "flip"} - switch_fields
     if unknown:
         raise SelfmaskError(f"config file {args.config}: unknown keys {sorted(unknown)}")
+    check_setting_types(file_cfg, f"config file {args.config}")
     train = {k: v for k, v in file_cfg.items() if k in _TRAIN_FLAGS or k in ("augment", "flip") or k in switch_fields}
     for name in _TRAIN_FLAGS:
         v = getattr(args, name)
@@ -203,6 +205,7 @@ def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
     from selfmask.data.multicrop import MultiCrop, MultiCropConfig
     from selfmask.objectives import SwAVConfig
     from selfmask.training.config import TrainConfig
+    from selfmask.training.identity import check_saved_run
     from selfmask.training.run_folder import read_run_config, run_embedding
 
     run_dir = args.resume
@@ -221,6 +224,7 @@ def resume_settings(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str,
             raise SelfmaskError(f"{where}: key {key!r} is missing (was this run written by `selfmask adapt`?)")
     if not isinstance(saved["train"], dict):
         raise SelfmaskError(f"{where}: 'train' must be an object")
+    check_saved_run(saved, where)  # wrong types: one clear line, not a traceback
     try:
         cfg = TrainConfig.from_dict(saved["train"])  # unknown keys and bad values: one clear error
     except (SelfmaskError, TypeError) as exc:
@@ -300,6 +304,7 @@ def _run(
     from selfmask.backbones import backbone_info, create_backbone
     from selfmask.data.sources import load_data
     from selfmask.experiments.evaluate import evaluate_features
+    from selfmask.fingerprint import model_fingerprint
     from selfmask.training.distributed import barrier, broadcast_flag
     from selfmask.training.loop import StopRequested
     from selfmask.training.run_folder import RunFolder
@@ -326,7 +331,7 @@ def _run(
         raise SelfmaskError(f"data {other['data']!r}: empty split (train {len(train)}, test {len(test)} images)")
     torch.manual_seed(cfg.seed)
     backbone = create_backbone(info.name, other["weights"], info.embedding)
-    meta = {"weights": other["weights"], "data_spec": other["data"]}
+    meta = {"weights": other["weights"], "data_spec": other["data"], "base_fingerprint": model_fingerprint(backbone)}
     try:
         if cfg.objective == "swav":
             from selfmask.training.ssl import OnlineEval, adapt_swav
@@ -357,14 +362,20 @@ def _run(
                                "data": other["data"],
                                "final_train_loss": result.history[-1]["loss"], **count_trainable_bits(result)}
     if not args.no_eval:
-        if result.head is not None:
-            results["test_accuracy"] = classify(result.backbone, result.head, test, info, device=cfg.device)
-        results.update(
-            evaluate_features(
-                result.backbone, info, train, test, bank_indices=result.train_indices, knn_k=args.knn_k,
-                knn_temperature=args.knn_temperature, linear_probe=not args.no_probe, seed=cfg.seed, device=cfg.device,
+        try:
+            if result.head is not None:
+                results["test_accuracy"] = classify(result.backbone, result.head, test, info, device=cfg.device)
+            results.update(
+                evaluate_features(
+                    result.backbone, info, train, test, bank_indices=result.train_indices, knn_k=args.knn_k,
+                    knn_temperature=args.knn_temperature, linear_probe=not args.no_probe, seed=cfg.seed,
+                    device=cfg.device,
+                )
             )
-        )
+        except KeyboardInterrupt as stop:  # Ctrl-C or SIGTERM: training is saved, --resume evaluates
+            run_folder.set_status("interrupted", phase="evaluation", epoch=cfg.epochs, total_epochs=cfg.epochs)
+            return stopped_exit_code(KeyboardInterrupt(f"{stop or 'stopped by SIGINT'} during the final evaluation"),
+                                     run_folder.path)
     run_folder.write_json("results.json", results)
     run_folder.set_status("finished")
     print(f"run folder: {run_folder.path}")

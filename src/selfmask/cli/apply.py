@@ -32,10 +32,11 @@ def run(args: argparse.Namespace) -> int:
 
     from selfmask.errors import SelfmaskError
     from selfmask.storage import atomic_write_bytes, load_mask, merge_mask
+    from selfmask.storage.container import check_output_path
 
     out = Path(args.output)
-    if out.exists() and not args.overwrite:  # refuse before any work
-        raise SelfmaskError(f"output path {str(out)!r} exists; pass --overwrite to replace it")
+    inputs = (args.file, args.weights)
+    check_output_path(out, overwrite=args.overwrite, inputs=inputs)  # refuse before any work
     mask = load_mask(args.file)
     model = build_base(args, mask, args.file)
     with warnings.catch_warnings(record=True) as caught:
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     for w in caught:
         print(f"selfmask apply: warning: {w.message}")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(out, save(state, metadata={"selfmask_mask_fingerprint": mask.fingerprint}), overwrite=args.overwrite)
+    data = save(state, metadata={"selfmask_mask_fingerprint": mask.fingerprint})
+    atomic_write_bytes(out, data, overwrite=args.overwrite, inputs=inputs)
     print(f"wrote {out}: {len(state)} tensors of {args.backbone} with {len(mask.masks)} masks merged")
     return 0

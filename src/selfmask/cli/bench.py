@@ -89,7 +89,10 @@ def run(args: argparse.Namespace) -> int:
             small_size=96 if cuda else 16, backbone=backbone, repeats=args.repeats, device=args.device),
         "data": lambda: bench.decode_vs_cache_throughput(num_images=128, repeats=min(args.repeats, 5)),
         "storage": lambda: bench.mask_file_size(),
-        "bank": lambda: bench.bank_switch_time(device=args.device, repeats=args.repeats),
+        "bank": lambda: {
+            **bench.bank_switch_time(device=args.device, repeats=args.repeats),
+            "mixed": bench.bank_mixed_throughput(backbone, device=args.device, batch=args.batch, repeats=args.repeats),
+        },
         "knn": lambda: bench.knn_time(device=args.device),
         "threads": lambda: bench.thread_step_times(
             batch=args.batch, threads=(1, args.threads if (args.threads or 0) > 1 else 2), repeats=args.repeats),
@@ -172,6 +175,11 @@ def _print_section(name: str, res: dict[str, Any]) -> None:
     figures = _KEY_FIGURES.get(name.split("[")[0], ())  # "conditional[0]": one per mask file
     keys = [k for k in figures if k in res] or [k for k in res if not isinstance(res[k], dict)]
     print(f"[{name}] " + ", ".join(f"{k}={_fmt(res[k])}" for k in keys))
+    mixed = res.get("mixed")
+    if isinstance(mixed, dict):  # bank: mixed-task batches, one line per number of tasks
+        for row in mixed["rows"]:
+            print(f"[{name}/mixed {mixed['backbone']}, batch {mixed['batch']}] "
+                  + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
 
 
 def _fmt(v: Any) -> str:

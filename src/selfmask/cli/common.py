@@ -22,7 +22,12 @@ def add_data_args(p: argparse.ArgumentParser, default: str = "embedded") -> None
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default=None, help="backbone name (see `selfmask backbones`; default resnet_tiny)")
+    p.add_argument(
+        "--backbone",
+        default=None,
+        help="backbone name (see `selfmask backbones`; default resnet_tiny), or timm:NAME, torchvision:NAME, "
+        "open_clip:NAME, module.path:factory (a model of that library / your code, head removed)",
+    )
     p.add_argument("--weights", default=None, help="local checkpoint of the backbone (.safetensors/.pt/.pth)")
 
 
@@ -115,6 +120,14 @@ def read_config_file(path: Path | None) -> dict[str, Any]:
     return read_json_object(path, f"config file {path}")
 
 
+def check_setting_types(settings: dict[str, Any], where: str, optional: tuple[str, ...] = ("weights",)) -> None:
+    """The path-like settings of a config file (data, backbone, weights) are strings (``optional`` ones may be null)."""
+    for key in ("data", "backbone", "weights"):
+        if key in settings and not isinstance(settings[key], str) and not (key in optional and settings[key] is None):
+            null = " or null" if key in optional else ""
+            raise SelfmaskError(f"{where}: {key!r} must be a string{null}, got {settings[key]!r}")
+
+
 def check_eval_args(args: argparse.Namespace) -> None:
     if args.knn_k < 1:
         raise SelfmaskError(f"--knn-k must be >= 1, got {args.knn_k}")
@@ -124,7 +137,7 @@ def check_eval_args(args: argparse.Namespace) -> None:
 
 def add_base_args(p: argparse.ArgumentParser, *, required: bool) -> None:
     """``--backbone/--weights/--seed``: the base model a mask file belongs to."""
-    what = "backbone name (see selfmask.backbones.list_backbones)"
+    what = "backbone name (see selfmask backbones) or timm:NAME, torchvision:NAME, open_clip:NAME, module.path:factory"
     if not required:
         what += "; with it the masks are decoded on this base (needed for files coded given the base weights)"
     p.add_argument("--backbone", required=required, default=None, help=what)

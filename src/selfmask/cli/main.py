@@ -2,10 +2,10 @@
 
 Each command module defines ``register(subparsers)``, which adds its parser and
 sets ``func`` (taking the parsed namespace, returning an exit code). User errors
-(:class:`~selfmask.errors.SelfmaskError`, ``ValueError``, missing files) print one
-clear line and exit 2; Ctrl-C exits 130. Commands that train or evaluate
-(``cli.common.THREADED_COMMANDS``) get ``--threads`` here, in one place, and the
-thread count is set before the command runs.
+(:class:`~selfmask.errors.SelfmaskError`, ``ValueError``, missing files, and any other
+``OSError``: a full disk, a read-only file system) print one clear line and exit 2; Ctrl-C exits 130,
+SIGTERM 143. Commands that train or evaluate (``cli.common.THREADED_COMMANDS``) get ``--threads``
+here, in one place, and the thread count is set before the command runs.
 """
 
 from __future__ import annotations
@@ -46,14 +46,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from selfmask.cli.signals import Terminated, sigterm_raises
+
     try:
-        with threads_from_args(args):
+        with sigterm_raises(), threads_from_args(args):  # SIGTERM unwinds like Ctrl-C: temporary files are removed
             return int(args.func(args) or 0)
+    except Terminated:
+        print(f"selfmask {args.command}: stopped by SIGTERM; no output was left half-written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("selfmask: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError) as exc:
         print(f"selfmask {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk, a read-only file system, an I/O error: one line, not a traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"selfmask {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
 
 

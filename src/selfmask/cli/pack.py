@@ -26,9 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from selfmask.storage import load_run, save_mask
     from selfmask.storage.codecs import NEEDS_BASE
+    from selfmask.storage.container import check_output_path
+    from selfmask.training.run_folder import RUN_FILES
 
+    inputs = [Path(args.run_dir) / name for name in RUN_FILES]
+    check_output_path(args.output, overwrite=args.overwrite, inputs=inputs)  # refuse before any work
     rebuilt = load_run(args.run_dir)
     infos = save_mask(
         rebuilt.model,
@@ -38,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         source=rebuilt.source,
         portable=args.portable,
-        fingerprint=rebuilt.fingerprint,
+        base_fingerprint=rebuilt.base_fingerprint,
+        inputs=inputs,
     )
     numel = sum(i.numel for i in infos)
     payload = sum(i.payload_bytes for i in infos)

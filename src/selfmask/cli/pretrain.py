@@ -32,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from selfmask.backbones import backbone_info
     from selfmask.data.sources import load_data
+    from selfmask.storage.container import check_output_path
     from selfmask.training.pretrain import pretrain_supervised, save_backbone
     from selfmask.training.trainer import resolve_device
 
@@ -42,10 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise SelfmaskError(f"--epochs must be >= 1, got {args.epochs}")
     if args.out.suffix != ".safetensors":
         raise SelfmaskError(f"--out {str(args.out)!r}: expected a .safetensors file name")
-    if args.out.exists() and not args.overwrite:
-        raise SelfmaskError(f"{args.out} exists; pass --overwrite to replace it")
-    if not args.out.parent.is_dir():
-        raise SelfmaskError(f"folder {str(args.out.parent)!r} does not exist")
+    check_output_path(args.out, overwrite=args.overwrite)  # not a device, a folder or (without --overwrite) a file
     if args.objective not in ("supervised", "swav"):
         raise SelfmaskError(f"--objective must be supervised or swav, got {args.objective!r}")
     train, _test = load_data(args.data, resolution=backbone_info(args.backbone).input_size, cache_dir=args.cache_dir)

@@ -9,7 +9,9 @@ Specifications (paths are local; nothing is downloaded):
 - ``split:SPLIT_FILE:IMAGE_ROOT``: a CoOp-style ``split_zhou_*.json`` file (its ``train``
   and ``test`` lists) with images under ``IMAGE_ROOT``.
 
-Folder and split datasets are decoded once at ``resolution`` and cached as uint8 tensors.
+Folder and split datasets are decoded once at ``resolution`` and cached as uint8 tensors;
+the embedded benchmark and CIFAR (32 px) are resized (bicubic) when another resolution is asked
+for, e.g. by a backbone with a 64 px input.
 """
 
 from __future__ import annotations
@@ -25,6 +27,13 @@ SPEC_HELP = (
 )
 
 
+def _resized(data: ImageTensorDataset, resolution: int) -> ImageTensorDataset:
+    from selfmask.data.cifar import resize_uint8
+
+    meta = {**data.meta, "resolution": resolution, "resized_from": data.resolution}
+    return ImageTensorDataset(resize_uint8(data.images, resolution), data.labels, list(data.classes), data.name, meta)
+
+
 def load_data(
     spec: str, *, resolution: int = 32, seed: int = 0, cache_dir: str | Path | None = None
 ) -> tuple[ImageTensorDataset, ImageTensorDataset]:
@@ -37,8 +46,12 @@ def load_data(
 
         bench = load_embedded(seed=seed, cache_dir=cache_dir, size="tiny" if "tiny" in kind else "default")
         if kind.endswith("pretrain"):
-            return bench.pretrain_train, bench.pretrain_test
-        return bench.downstream_train, bench.downstream_test
+            pair = bench.pretrain_train, bench.pretrain_test
+        else:
+            pair = bench.downstream_train, bench.downstream_test
+        if resolution == 32:
+            return pair
+        return _resized(pair[0], resolution), _resized(pair[1], resolution)
     if kind in ("cifar10", "cifar100"):
         from selfmask.data.cifar import load_cifar
 
@@ -55,10 +68,9 @@ def load_data(
         for sub in ("train", "test"):
             if not (root / sub).is_dir():
                 raise SelfmaskError(f"{spec}: expected a folder {root / sub} (one subfolder per class)")
-        return (
-            load_image_folder(root / "train", resolution, cache_dir=cache_dir),
-            load_image_folder(root / "test", resolution, cache_dir=cache_dir),
-        )
+        train = load_image_folder(root / "train", resolution, cache_dir=cache_dir)
+        # one class index for both splits: the training split's (a test class without training images is refused)
+        return train, load_image_folder(root / "test", resolution, cache_dir=cache_dir, classes=train.classes)
     if kind == "split":
         from selfmask.data.splits import load_split
 

@@ -78,7 +78,8 @@ def split_classes(splits: Mapping[str, list[Entry]], source: str = "split file")
                 )
     if not names:
         return []
-    absent = [i for i in range(max(names) + 1) if i not in names]
+    # labels must be 0..n-1: look for gaps below n + 10 only (a label of 10**10 must not build a list that long)
+    absent = [i for i in range(min(max(names) + 1, len(names) + 10)) if i not in names]
     if absent:
         raise SelfmaskError(f"{source}: labels {absent[:10]} have no entry, so their class names are unknown")
     return [names[i] for i in range(len(names))]
@@ -108,6 +109,12 @@ def load_split(
     if not root.is_dir():
         raise SelfmaskError(f"image folder {str(root)!r} (for split file {str(split_file)!r}) does not exist")
     entries = splits[split]
+    for i, (rel, _label, _cls) in enumerate(entries):
+        if Path(rel).is_absolute() or ".." in Path(rel).parts or not rel:
+            raise SelfmaskError(
+                f"split file {str(split_file)!r}: {split}[{i}] names {rel!r}, which is not a path inside the image "
+                f"folder {str(root)!r} (absolute paths and '..' are refused)"
+            )
     files = [root / rel for rel, _, _ in entries]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

@@ -1,6 +1,7 @@
 """Learnable binary masks over frozen weights (METHOD.md section 1)."""
 
 from selfmask.masking.config import (
+    EFFICIENTNET_TARGETS,
     PRESETS,
     RESNET_AUTHORS_TARGETS,
     RESNET_TARGETS,
@@ -25,6 +26,7 @@ from selfmask.masking.model import (
 )
 
 __all__ = [
+    "EFFICIENTNET_TARGETS",
     "PRESETS",
     "RESNET_AUTHORS_TARGETS",
     "RESNET_TARGETS",

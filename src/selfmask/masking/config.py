@@ -37,6 +37,11 @@ VIT_TARGETS = (
     r"|(.*\.)?mlp\.(c_fc|c_proj|fc1|fc2)\.(weight|bias)"
 )
 
+#: EfficientNet / MobileNet-style nets with ``efficientnet-lite-pytorch`` names: the stem, every
+#: block's pointwise expansion and projection and its depthwise convolution, and the 1x1 head
+#: convolution. BatchNorms (and a classifier, never part of the backbone) stay frozen.
+EFFICIENTNET_TARGETS = r"(.*\.)?_(conv_stem|expand_conv|depthwise_conv|project_conv|conv_head)\.weight"
+
 #: Fused q/k/v tensors (``nn.MultiheadAttention``/OpenAI CLIP ``in_proj_*``, timm ``attn.qkv``):
 #: q, k and v stacked along dim 0. With ``MaskConfig.split_fused`` each is masked as three parts,
 #: each with its own alpha and top-k count, as the authors' layout with three separate tensors.
@@ -45,6 +50,7 @@ FUSED_QKV_PARTS = 3
 
 PRESETS: dict[str, str] = {
     "resnet": RESNET_TARGETS,
+    "efficientnet": EFFICIENTNET_TARGETS,
     "resnet-authors": RESNET_AUTHORS_TARGETS,
     "vit": VIT_TARGETS,
 }
@@ -71,7 +77,7 @@ class MaskConfig:
             ``"layer1.0.conv1.weight"`` matches exactly that one), or a regular
             expression string matched with ``re.fullmatch`` against qualified
             parameter names. A preset name (``"resnet"``, ``"resnet-authors"``,
-            ``"vit"``) expands to the preset's expression.
+            ``"vit"``, ``"efficientnet"``) expands to the preset's expression.
         mode: ``"threshold"`` (``M = 1[S > mu]``, the paper's method) or ``"topk"``
             (keep the top ``keep_ratio`` of the scores of each tensor, the
             edge-popup baseline).
@@ -235,4 +241,13 @@ def _compile_targets(targets: Targets) -> str:
     )
 
 
-__all__ = ["FUSED_QKV", "LEGACY_DEFAULTS", "PRESETS", "RESNET_AUTHORS_TARGETS", "RESNET_TARGETS", "VIT_TARGETS", "MaskConfig"]
+__all__ = [
+    "EFFICIENTNET_TARGETS",
+    "FUSED_QKV",
+    "LEGACY_DEFAULTS",
+    "PRESETS",
+    "RESNET_AUTHORS_TARGETS",
+    "RESNET_TARGETS",
+    "VIT_TARGETS",
+    "MaskConfig",
+]

@@ -10,13 +10,14 @@ mask equals the stored one bit for bit. :func:`merge_mask` then bakes
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from selfmask.errors import SelfmaskError
-from selfmask.fingerprint import model_fingerprint
+from selfmask.fingerprint import fingerprint_tensors
 from selfmask.masking.layer import topk_count
 from selfmask.masking.model import (
     base_state_dict,
@@ -30,9 +31,30 @@ from selfmask.masking.model import (
 from selfmask.storage.maskfile import MaskFile, load_mask
 
 
-def check_fingerprint(actual: str, mask: MaskFile, *, force: bool = False, what: str = "apply_mask") -> None:
-    """Refuse base weights with fingerprint ``actual`` unless they are the mask's (warn with ``force``)."""
+def check_fingerprint(
+    actual: str,
+    mask: MaskFile,
+    *,
+    force: bool = False,
+    what: str = "apply_mask",
+    base_state: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Refuse base weights with fingerprint ``actual`` unless they are the mask's (warn with ``force``).
+
+    ``base_state`` (the model's ``base_state_dict``) lets files written by older versions
+    still apply: those took the fingerprint with the trained buffers they store
+    (``buffer.*``, BatchNorm statistics of ``bn="train"`` runs) in place of the base ones. When those buffers
+    explain the whole difference, the file is accepted with a note (a warning).
+    """
     if actual == mask.fingerprint:
+        return
+    if base_state is not None and legacy_fingerprint(base_state, mask) == mask.fingerprint:
+        warnings.warn(
+            f"{what}: note: this mask file was written by an older selfmask whose fingerprint included the "
+            "trained BatchNorm statistics it stores; with those statistics the model's base weights match, "
+            "so it is applied (re-pack the run to write a current file)",
+            stacklevel=3,
+        )
         return
     message = (
         f"{what}: the mask was trained on backbone {mask.backbone!r} with base fingerprint "
@@ -42,6 +64,16 @@ def check_fingerprint(actual: str, mask: MaskFile, *, force: bool = False, what:
     if not force:
         raise SelfmaskError(message + "; pass force=True (--force) to apply it anyway")
     warnings.warn(message + "; applying anyway (force=True)", stacklevel=3)
+
+
+def legacy_fingerprint(base_state: Mapping[str, torch.Tensor], mask: MaskFile) -> str | None:
+    """The fingerprint older files recorded: ``base_state`` with the file's ``buffer.*`` extras substituted."""
+    buffers = {k[len(BUFFER_PREFIX):]: v for k, v in mask.extra.items() if k.startswith(BUFFER_PREFIX)}
+    if not buffers or not set(buffers) <= set(base_state):
+        return None
+    if any(tuple(base_state[k].shape) != tuple(v.shape) or base_state[k].dtype != v.dtype for k, v in buffers.items()):
+        return None
+    return fingerprint_tensors({**base_state, **buffers})
 
 
 def check_names_and_shapes(targets: dict[str, torch.Size], mask: MaskFile, what: str) -> None:
@@ -83,8 +115,9 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
     """
     if not isinstance(mask, MaskFile):
         mask = load_mask(mask)
-    fingerprint = model_fingerprint(model)
-    check_fingerprint(fingerprint, mask, force=force)
+    base_state = base_state_dict(model)
+    fingerprint = fingerprint_tensors(base_state)
+    check_fingerprint(fingerprint, mask, force=force, base_state=base_state)
     if is_masked(model):
         config = mask_config(model)
         if config.mode != mask.config.mode:
@@ -102,7 +135,7 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
     else:
         targets = {n: p.shape for n, p in model.named_parameters() if mask.config.matches(n)}
     check_names_and_shapes(targets, mask, "apply_mask")  # before the model is changed in any way
-    mask.decode_with_base(base_state_dict(model), fingerprint)  # masks coded given the base (none: no-op)
+    mask.decode_with_base(base_state, fingerprint)  # masks coded given the base (none: no-op)
     if mask.config.mode == "topk":
         for info in mask.tensors:
             stored = mask.masks[info.name]
@@ -164,4 +197,4 @@ def merge_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
     return merge_masks(apply_mask(model, mask, force=force))
 
 
-__all__ = ["apply_mask", "check_buffers", "check_fingerprint", "check_names_and_shapes", "merge_mask"]
+__all__ = ["apply_mask", "check_buffers", "check_fingerprint", "check_names_and_shapes", "legacy_fingerprint", "merge_mask"]

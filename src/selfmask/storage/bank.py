@@ -17,10 +17,18 @@ Example::
     bank.activate("cifar10"); logits = head_c10(bank.model(x))
     bank.activate("dtd");     ...
     bank.deactivate()         # the pretrained backbone again
+
+Mixed-task batches: :meth:`MaskBank.run` takes one task per sample, runs each task's samples
+with that task active (one switch per task in the batch) and returns the outputs in the
+batch's order, equal to running each task's merged model on its own samples::
+
+    bank.model.eval()
+    features = bank.run(x, ["cifar10", "dtd", "cifar10", ...])   # or integer ids into bank.tasks
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,6 +178,63 @@ class MaskBank:
                 self._buffers[bname].copy_(original)
         self.active = None
         return self.model
+
+    def run(self, x: torch.Tensor, tasks: Sequence[str] | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """The model's outputs for a batch whose samples belong to different tasks, in the batch's order.
+
+        Args:
+            x: the batch (its first dimension indexes the samples).
+            tasks: one task per sample: names, or integer ids (positions in :attr:`tasks`).
+
+        Samples are grouped by task; each task is activated once (the active task, if it is
+        in the batch, goes last, so nothing needs switching back) and its samples run
+        together; outputs are scattered back. Afterwards the task that was active before is
+        active again (or none). Put the model in evaluation mode: in training mode BatchNorm
+        would normalise each task's group with that group's statistics.
+
+        Raises:
+            SelfmaskError: ``tasks`` does not have one entry per sample, or names a task (or id)
+                not in the bank.
+        """
+        names = self._task_names(tasks, x.shape[0] if x.dim() else 0)
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(names):
+            groups.setdefault(name, []).append(i)
+        previous = self.active
+        order = sorted(groups, key=lambda n: n == previous)  # the active task last: no switch back
+        out: torch.Tensor | None = None
+        try:
+            for name in order:
+                if self.active != name:
+                    self.activate(name)
+                index = torch.tensor(groups[name], device=x.device)
+                y = self.model(x.index_select(0, index))
+                if out is None:
+                    out = y.new_empty((len(names), *y.shape[1:]))
+                out.index_copy_(0, index, y)
+        finally:
+            if self.active != previous and previous is not None:
+                self.activate(previous)
+            elif self.active != previous:
+                self.deactivate()
+        assert out is not None
+        return out
+
+    def _task_names(self, tasks: Sequence[str] | Sequence[int] | torch.Tensor, batch: int) -> list[str]:
+        ids = tasks.tolist() if isinstance(tasks, torch.Tensor) else list(tasks)
+        if len(ids) != batch or batch == 0:
+            raise SelfmaskError(f"MaskBank.run: {len(ids)} task id(s) for a batch of {batch} sample(s); expected one per sample")
+        known = self.tasks
+        names = []
+        for i, t in enumerate(ids):
+            if isinstance(t, str) and t in self._tasks:
+                names.append(t)
+            elif isinstance(t, int) and not isinstance(t, bool) and 0 <= t < len(known):
+                names.append(known[t])
+            else:
+                ids_hint = f"; or integer ids 0-{len(known) - 1}" if known else ""
+                raise SelfmaskError(f"MaskBank.run: sample {i} has task {t!r}, which is not in the bank (tasks: {known}{ids_hint})")
+        return names
 
     def packed_bytes(self) -> int:
         """Bytes held for all tasks' masks."""

@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,27 +223,63 @@ def _verify_checksum(meta: dict[str, Any], data: bytes, raw: bytes, n_header: in
         )
 
 
-def atomic_write_bytes(path: str | Path, data: bytes, *, overwrite: bool = False) -> None:
-    """:func:`selfmask.io.atomic_write_bytes` for an output the user named: checks first.
+def check_output_path(path: str | Path, *, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()) -> Path:
+    """Refuse an output path the user named that must not be written: checked before any work.
 
-    Refuses an existing ``path`` unless ``overwrite``; an existing file is never left
-    half-written.
+    Refused: a directory, an existing file without ``overwrite``, anything that is not a regular
+    file (a FIFO, a device, a socket: with or without ``overwrite``), a path that is one of
+    ``inputs`` (the command would replace what it reads), a missing folder.
     """
     path = Path(path)
+    for source in inputs:
+        if source is not None and _same_file(path, Path(source)):
+            raise SelfmaskError(f"output path {str(path)!r} is also an input of this command; choose another output")
     if path.is_dir():
         raise SelfmaskError(f"output path {str(path)!r} is a directory")
-    if path.exists() and not overwrite:
-        raise SelfmaskError(f"output path {str(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
+    if path.exists() or path.is_symlink():
+        if not path.is_file():
+            raise SelfmaskError(
+                f"output path {str(path)!r} exists and is not a regular file (a device, pipe, socket or broken link); "
+                "it is never replaced, with or without --overwrite"
+            )
+        if not overwrite:
+            raise SelfmaskError(f"output path {str(path)!r} exists; pass overwrite=True (--overwrite) to replace it")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise SelfmaskError(f"output folder {str(folder)!r} does not exist")
-    io.atomic_write_bytes(path, data)
+    return path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def atomic_write_bytes(
+    path: str | Path, data: bytes, *, overwrite: bool = False, inputs: Iterable[str | Path | None] = ()
+) -> None:
+    """:func:`selfmask.io.atomic_write_bytes` for an output the user named: checks first.
+
+    Refuses what :func:`check_output_path` refuses; an existing file is never left
+    half-written. A failed write (disk full, no permission, read-only file system)
+    is one clear error naming the file; the temporary file is removed.
+    """
+    path = check_output_path(path, overwrite=overwrite, inputs=inputs)
+    try:
+        io.atomic_write_bytes(path, data)
+    except OSError as exc:
+        raise SelfmaskError(f"writing {str(path)!r} failed: {exc.strerror or exc}; nothing was written") from None
 
 
 __all__ = [
     "MAX_HEADER_BYTES",
     "RawTensor",
     "atomic_write_bytes",
+    "check_output_path",
     "check_shape",
     "parse_json",
     "read_container",

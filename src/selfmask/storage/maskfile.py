@@ -27,7 +27,7 @@ import json
 import math
 import re
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -565,7 +565,8 @@ def save_mask(
     overwrite: bool = False,
     source: Mapping[str, Any] | None = None,
     portable: bool = False,
-    fingerprint: str | None = None,
+    base_fingerprint: str | None = None,
+    inputs: Iterable[str | Path | None] = (),
 ) -> list[MaskTensorInfo]:
     """Write the current masks of a masked ``model`` to ``path`` (atomically).
 
@@ -579,10 +580,12 @@ def save_mask(
         backbone: the backbone name (default: ``model.backbone_name``).
         extra: extra trained tensors to store, e.g. ``{"weight": head.weight, "bias": head.bias}``.
         source: free-form JSON recorded with the file (e.g. the run folder).
-        portable: do not code masks given the base weights.
-        fingerprint: the base fingerprint to record (default: ``model_fingerprint(model)``); pass the
-            base backbone's when training changed buffers of the model (BatchNorm statistics with
-            ``bn="train"``, stored as ``buffer.*`` extras), as :func:`~selfmask.storage.load_run` does.
+        portable: do not code masks given the base weights (a file that decodes without them).
+        base_fingerprint: the fingerprint of the base weights the masks were trained on
+            (default: ``model_fingerprint(model)``). Pass it when the model's buffers were
+            trained (BatchNorm statistics with ``bn="train"``): the file must name the base
+            weights a user has, not the adapted buffers it stores as ``buffer.*`` extras.
+        inputs: files the caller read; ``path`` must not be one of them.
 
     Returns:
         What was recorded per tensor (codec, sizes).
@@ -594,13 +597,13 @@ def save_mask(
     data, infos = encode_mask_file(
         current_masks(model),
         backbone=_backbone_name(model, backbone),
-        fingerprint=fingerprint or model_fingerprint(model),
+        fingerprint=base_fingerprint or model_fingerprint(model),
         config=config,
         extra=extra,
         source=source,
         base=None if portable else base_tensors(model),
     )
-    atomic_write_bytes(path, data, overwrite=overwrite)
+    atomic_write_bytes(path, data, overwrite=overwrite, inputs=inputs)
     return infos
 
 

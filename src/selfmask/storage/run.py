@@ -30,8 +30,8 @@ class RunModel:
     backbone: str
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
-    #: Fingerprint of the base backbone the run started from (its buffers before training changed them).
-    fingerprint: str | None = None
+    #: fingerprint of the base weights (before training changed any buffer): what a mask file records
+    base_fingerprint: str | None = None
 
 
 def load_run(run_dir: str | Path) -> RunModel:
@@ -43,6 +43,7 @@ def load_run(run_dir: str | Path) -> RunModel:
     of the adapted model).
     """
     from selfmask.training.run_folder import load_run as rebuild_run
+    from selfmask.training.run_folder import run_embedding
 
     run_dir = Path(run_dir)
     model, head, cfg = rebuild_run(run_dir)
@@ -52,7 +53,7 @@ def load_run(run_dir: str | Path) -> RunModel:
     if head is not None:
         extra.update({f"head.{k}": v.detach() for k, v in head.state_dict().items()})
     torch.manual_seed(int(cfg["seed"]))
-    base_model = create_backbone(cfg["backbone"], cfg.get("weights"))
+    base_model = create_backbone(cfg["backbone"], cfg.get("weights"), run_embedding(cfg))  # the run's base, as built
     base = dict(base_model.named_buffers())
     for name, buf in model.named_buffers():
         if name in base and not torch.equal(buf, base[name]):

@@ -23,6 +23,24 @@ METHOD_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+#: field -> (kind, may be None): checked before anything else, so a config file with the
+#: wrong JSON type is one clear error instead of a traceback (or a silent truthy string).
+FIELD_TYPES: dict[str, tuple[str, bool]] = {
+    **{f: ("str", False) for f in ("method", "objective", "head", "bn", "device", "precision")},
+    **{f: ("str", True) for f in ("mask_targets", "init_from")},
+    **{f: ("int", False) for f in ("epochs", "batch_size", "seed", "checkpoint_every")},
+    "per_class": ("int", True),
+    **{f: ("float", False) for f in ("head_lr", "momentum", "head_weight_decay", "warmup_epochs", "keep_ratio",
+                                     "threshold", "init_score")},
+    **{f: ("float", True) for f in ("lr", "weight_decay", "label_fraction")},
+    **{f: ("bool", False) for f in ("augment", "flip", "channels_last", "compile", "fast_masks", "sync_bn")},
+}
+#: Largest integer setting accepted (counts and sizes; far beyond any real run, within 64-bit arithmetic).
+MAX_INT = 2**31 - 1
+#: (low, high) per integer field where it differs from [0, MAX_INT]: seeds feed 32-bit generators (numpy, scikit-learn).
+INT_RANGES: dict[str, tuple[int, int]] = {"seed": (0, 2**32 - 1)}
+
+
 @dataclass
 class TrainConfig:
     """How to adapt a backbone.
@@ -106,6 +124,7 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.method not in METHODS:
             raise SelfmaskError(f"unknown method {self.method!r}; expected one of {METHODS}")
         if self.objective not in OBJECTIVES:
@@ -145,6 +164,27 @@ class TrainConfig:
             )
         if self.objective == "swav" and self.method not in ("mask", "topk", "fft"):
             raise SelfmaskError(f"objective 'swav' trains masks or weights; method {self.method!r} has nothing to train")
+
+    def _check_types(self) -> None:
+        """Every field has its type (a config file's ``"seed": "0"`` or ``"augment": "no"`` is refused) and range."""
+        for name, (kind, optional) in FIELD_TYPES.items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            ok = {
+                "int": isinstance(value, int) and not isinstance(value, bool),
+                "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+                "str": isinstance(value, str),
+                "bool": isinstance(value, bool),
+            }[kind]
+            if not ok:
+                expected = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false"}[kind]
+                raise SelfmaskError(f"{name} must be {expected}{' or null' if optional else ''}, got {value!r}")
+            low, high = INT_RANGES.get(name, (0, MAX_INT))
+            if kind == "int" and not low <= value <= high:
+                raise SelfmaskError(f"{name} must be an integer in [{low}, {high}], got {value}")
+            if kind == "float" and not math.isfinite(value):
+                raise SelfmaskError(f"{name} must be a finite number, got {value}")
 
     @property
     def resolved_lr(self) -> float:

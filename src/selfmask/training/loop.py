@@ -31,6 +31,7 @@ from torch import nn
 from selfmask.errors import SelfmaskError
 from selfmask.io import atomic_write_bytes
 from selfmask.training.distributed import SINGLE, DistContext, all_gather_states, all_reduce_sum, local_slice
+from selfmask.training.identity import first_difference
 
 log = logging.getLogger("selfmask.train")
 
@@ -101,8 +102,9 @@ class _Signals:
         self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc: object) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        for sig, old in self._old.items():  # whatever was there before: SIG_IGN, SIG_DFL or a handler
+            if old is not None:  # None: a handler not set from Python, which cannot be put back
+                signal.signal(sig, old)
 
 
 def run_epochs(
@@ -279,8 +281,13 @@ def load_checkpoint(
         raise SelfmaskError(f"cannot resume: {path} is unreadable or not a selfmask checkpoint ({type(exc).__name__})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise SelfmaskError(f"cannot resume: {path} has an unknown checkpoint format")
-    if config_fingerprint is not None and state.get("config") != config_fingerprint:
-        raise SelfmaskError(f"cannot resume: {path} was written with different settings than this run's config.json")
+    if config_fingerprint is not None:
+        recorded = state.get("config")
+        difference = first_difference(recorded if isinstance(recorded, dict) else {}, config_fingerprint)
+        if difference:
+            raise SelfmaskError(
+                f"cannot resume: {path} was written with different settings than this run's config.json: {difference}"
+            )
     for name, module in spec.modules.items():
         if name not in state["modules"]:
             raise SelfmaskError(f"cannot resume: {path} lacks the state of {name!r}")

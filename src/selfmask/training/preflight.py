@@ -80,8 +80,12 @@ def checkpoint_bytes_estimate(backbone: str, method: str, num_classes: int = HEA
     from selfmask.backbones import backbone_info, build_backbone
 
     info = backbone_info(backbone)
-    with torch.device("meta"):
-        model = build_backbone(backbone)
+    try:
+        with torch.device("meta"):
+            model = build_backbone(backbone)
+    except SelfmaskError:  # a library's or user's constructor (timm:NAME, module:factory) that needs real tensors
+        with torch.random.fork_rng(devices=[]):
+            model = build_backbone(backbone)
     params = sum(p.numel() for p in model.parameters())
     buffers = sum(b.numel() for b in model.buffers())
     n_params, n_tensors = len(list(model.parameters())), len(model.state_dict())
@@ -129,9 +133,12 @@ def check_disk(out: Path, estimate: DiskEstimate) -> list[str]:
 
 
 def check_run_folder(out: Path, *, overwrite: bool = False, resume: bool = False) -> list[str]:
-    """The run folder is (or can be created as) a writable folder that holds no finished run."""
-    if out.exists() and not out.is_dir():
-        return [f"run folder {str(out)!r} exists and is not a folder"]
+    """The run folder is (or can be created as) a writable run folder that holds no finished run."""
+    from selfmask.training.ownership import folder_problem
+
+    problem = folder_problem(out)
+    if problem:
+        return [problem]
     status_file = out / "status.json"
     if status_file.is_file() and not overwrite:
         try:
@@ -152,6 +159,16 @@ def check_run_folder(out: Path, *, overwrite: bool = False, resume: bool = False
         os.unlink(probe)
     except OSError as exc:
         return [f"run folder {str(out)!r} is not writable: {exc.strerror or exc} (in {str(where)!r})"]
+    return []
+
+
+def check_init_from(init_from: object, out: Path) -> list[str]:
+    """``--init-from`` must not be the run folder itself (the run would replace what it starts from)."""
+    if isinstance(init_from, (str, Path)) and os.path.realpath(init_from) == os.path.realpath(out):
+        return [
+            f"--init-from {str(init_from)!r} and --out {str(out)!r} are the same folder: the new run would replace "
+            "the run it starts from; choose another --out"
+        ]
     return []
 
 
@@ -257,13 +274,15 @@ def _check_folders(spec: str, root: Path) -> list[str]:
     if not root.is_dir():
         return [f"data {spec!r}: {str(root)!r} does not exist or is not a folder"]
     problems: list[str] = []
+    classes = None  # the test split is labelled by the training split's classes
     for split in ("train", "test"):
         sub = root / split
         if not sub.is_dir():
             problems.append(f"data {spec!r}: expected a folder {str(sub)!r} (one subfolder per class)")
             continue
         try:
-            files, _labels, _classes = list_image_folder(sub)
+            files, _labels, found = list_image_folder(sub, classes=classes)
+            classes = found if split == "train" else classes
         except (SelfmaskError, OSError) as exc:
             problems.append(f"data {spec!r}: {exc}")
             continue
@@ -314,6 +333,7 @@ def preflight(
     """Every problem found, one message each (empty: the run can start)."""
     out = Path(out)
     cfg, problems = check_config(train_settings, backbone)
+    problems += check_init_from(train_settings.get("init_from"), out)
     problems += check_weights(weights)
     problems += check_data(data)
     folder_problems = check_run_folder(out, overwrite=overwrite, resume=resume)
@@ -335,6 +355,7 @@ __all__ = [
     "PreflightError",
     "check_data",
     "check_disk",
+    "check_init_from",
     "check_run_folder",
     "check_weights",
     "checkpoint_bytes_estimate",

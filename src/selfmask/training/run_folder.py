@@ -13,6 +13,7 @@ Layout::
       weights.safetensors  fine-tuned backbone state dict (fft runs)
       results.json         final evaluation, with the settings that produced it
       checkpoint.pt        resumable training state (``selfmask adapt --resume RUN_DIR``)
+      .selfmask-run        marks a run folder (see :mod:`selfmask.training.ownership`)
 
 Every file is replaced atomically, so a killed run (or Ctrl-C) leaves a folder whose
 files are each complete; ``status.json`` says how far it got.
@@ -30,6 +31,7 @@ from typing import Any
 
 from selfmask.errors import SelfmaskError
 from selfmask.io import atomic_write_json, atomic_write_text, read_json_object, read_safetensors
+from selfmask.training.ownership import claim, folder_problem, release
 
 RUN_FILES = (
     "config.json",
@@ -58,8 +60,9 @@ class RunFolder:
     def prepare(self) -> RunFolder:
         """Check the folder is usable before any training starts."""
         p = self.path
-        if p.exists() and not p.is_dir():
-            raise SelfmaskError(f"run folder {str(p)!r} exists and is not a folder")
+        problem = folder_problem(p)  # not a folder, or a folder of the user's: never touched
+        if problem:
+            raise SelfmaskError(problem)
         status = self.status()
         if status is not None and status.get("status") in ("finished", "trained") and not self.overwrite:
             raise SelfmaskError(
@@ -69,6 +72,7 @@ class RunFolder:
             )
         try:
             p.mkdir(parents=True, exist_ok=True)
+            claim(p)  # the marker, and this process's lock: a second process is refused
             fd, probe = tempfile.mkstemp(prefix=".write-check.", dir=p)
             os.close(fd)
             os.unlink(probe)
@@ -101,6 +105,8 @@ class RunFolder:
 
     def set_status(self, status: str, **extra: Any) -> None:
         self.write_json("status.json", {"status": status, **extra})
+        if status in ("finished", "failed", "interrupted"):
+            release(self.path)  # this process is done with the folder
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         self._metrics.append(row)

@@ -34,6 +34,7 @@ from selfmask.training.distributed import (
     to_sync_batchnorm,
     training_device,
 )
+from selfmask.training.identity import with_run_identity
 from selfmask.training.loop import LoopSpec, run_epochs
 from selfmask.training.run_folder import RunFolder
 from selfmask.training.schedule import make_scheduler
@@ -189,7 +190,8 @@ def adapt_swav(
         checkpoint_every=cfg.checkpoint_every, desc=f"SwAV {cfg.method}", progress=progress and ctx.is_main, dist=ctx,
     )
     history, step = run_epochs(spec, step_fn, run=run, resume=resume, on_epoch=on_epoch,
-                               config_fingerprint={"train": cfg.to_dict(), "swav": swav.to_dict()})
+                               config_fingerprint=with_run_identity({"train": cfg.to_dict(), "swav": swav.to_dict()},
+                                                                     info.name, run_meta, _crops_dict(crops)))
     result = TrainResult(backbone, None, cfg, mcfg, history, None)
     if run is not None and ctx.is_main:
         save_trained(result, run)

@@ -35,6 +35,7 @@ from selfmask.training.distributed import (
     training_device,
     wrap_ddp,
 )
+from selfmask.training.identity import with_run_identity
 from selfmask.training.loop import LoopSpec, TrainingDiverged, run_epochs
 from selfmask.training.run_folder import RunFolder
 from selfmask.training.schedule import make_scheduler
@@ -332,7 +333,7 @@ def adapt(
         checkpoint_every=cfg.checkpoint_every, desc=cfg.method, progress=progress and ctx.is_main, dist=ctx,
     )
     history, step = run_epochs(spec, step_fn, run=run, resume=resume, on_epoch=on_epoch,
-                               config_fingerprint=cfg.to_dict())
+                               config_fingerprint=with_run_identity(cfg.to_dict(), info.name, run_meta))
     result = TrainResult(backbone, head, cfg, mcfg, history, subset_idx)
     if run is not None and ctx.is_main:
         save_trained(result, run)
