@@ -18,7 +18,7 @@ import torch
 from selfmask.backbones import build_backbone
 from selfmask.masking import MaskConfig, ScoreMask, current_masks, iter_score_masks, mask_model, mask_scores, merge_masks
 from selfmask.masking.model import enable_fast_masks
-from selfmask.storage import MaskBank, apply_mask, load_mask, merge_mask, save_mask
+from selfmask.storage import FORMAT_VERSION, MaskBank, apply_mask, load_mask, merge_mask, save_mask
 
 QKV = "transformer.resblocks.0.attn.in_proj_weight"
 QKV_BIAS = "transformer.resblocks.0.attn.in_proj_bias"
@@ -154,7 +154,7 @@ def test_mask_file_records_parts_and_applies_bit_for_bit(tmp_path) -> None:
         path = tmp_path / f"{mode}.mask"
         save_mask(model, path)
         loaded = load_mask(path)
-        assert loaded.version == 2 and loaded.config.split_fused
+        assert loaded.version == FORMAT_VERSION and loaded.config.split_fused  # 2 or later
         parts = {t.name: t.parts for t in loaded.tensors}
         assert parts[QKV] == parts[QKV_BIAS] == 3 and parts["transformer.resblocks.0.attn.out_proj.weight"] == 1
         assert {t["name"]: t["parts"] for t in loaded.summary()["tensors"]}[QKV] == 3  # `selfmask inspect` shows it

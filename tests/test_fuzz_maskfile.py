@@ -1,7 +1,9 @@
 """Fuzzing the mask-file reader: mutated, truncated and re-sealed files give only SelfmaskError.
 
 About 10,000 files per run (hypothesis, derandomized so CI is reproducible) derived from two
-small valid mask files (every codec, an extra tensor, selective masking):
+small valid mask files (every codec, an extra tensor, selective masking; masks coded given the
+base weights, which the reader then decodes on :data:`BASE_WEIGHTS`, as ``apply_mask`` would after
+its fingerprint check):
 
 * raw mutations: byte flips, truncations, insertions, deletions, splices of the two files
   (mostly stopped by the sizes or the checksum);
@@ -51,14 +53,24 @@ FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
+#: The base weights of the fuzzed files' tensors (what apply_mask would pass after the fingerprint check).
+BASE_WEIGHTS = {
+    name: torch.randn(shape, generator=torch.Generator().manual_seed(i))
+    for i, (name, shape) in enumerate([("a.weight", (16, 3, 3, 3)), ("b.weight", (64, 9)), ("c.weight", (8, 40)),
+                                       ("d.weight", (4, 4)), ("e.weight", (24, 50))])
+}
+
+
 def _masks(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     rows = torch.rand(8, 1, generator=g) * torch.tensor([[0.02], [0.98]]).repeat(4, 1)
+    e = BASE_WEIGHTS["e.weight"].abs()
     return {
         "a.weight": torch.rand(16, 3, 3, 3, generator=g) < 0.5,  # packbits
         "b.weight": torch.rand(64, 9, generator=g) < 0.03,  # ans
         "c.weight": torch.rand(8, 40, generator=g) < rows,  # ans-channel: rows differ in density
         "d.weight": torch.ones(4, 4, dtype=torch.bool),  # const
+        "e.weight": torch.rand(24, 50, generator=g) < e / e.max() * 3,  # ans-weight: small weights are off
     }
 
 
@@ -66,14 +78,21 @@ def _base_files() -> list[bytes]:
     plain, infos = encode_mask_file(_masks(0), backbone="resnet_tiny", fingerprint=FP, config=MaskConfig(),
                                     extra={"head.weight": torch.randn(2, 3, generator=torch.Generator().manual_seed(0)),
                                            "head.bias": torch.zeros(2)},
-                                    source={"run": "x"})
-    assert {i.codec for i in infos} == {"packbits", "ans", "ans-channel", "const"}
+                                    source={"run": "x"}, base=BASE_WEIGHTS)
+    assert [i.codec for i in infos] == ["packbits", "ans", "ans-channel", "const", "ans-weight"]
     sel = MaskConfig(trainable_fraction=0.5, seed=3)
     masks = {k: v | ~selective_trainable_mask(tuple(v.shape), 0.5, 3, k) for k, v in _masks(1).items()}
-    selective, _ = encode_mask_file(masks, backbone="resnet_tiny", fingerprint=FP, config=sel)
+    selective, infos = encode_mask_file(masks, backbone="resnet_tiny", fingerprint=FP, config=sel, base=BASE_WEIGHTS)
+    assert "ans-weight" in {i.codec for i in infos}
     for data in (plain, selective):
-        decode_mask_file(data)  # both valid
+        decode(data, "base.mask")  # both valid
     return [plain, selective]
+
+
+def decode(data: bytes, where: str, max_entries: int = MAX_ENTRIES):  # noqa: ANN201
+    """What apply_mask does with a file once the fingerprint is checked: read it, then decode on the base."""
+    mf = decode_mask_file(data, where, max_entries=max_entries)
+    return mf.decode_with_base(BASE_WEIGHTS, mf.fingerprint)
 
 
 BASES = _base_files()
@@ -84,7 +103,7 @@ def check_reader(data: bytes) -> None:
     """Decode ``data``: a MaskFile or a SelfmaskError, quickly; anything else propagates and fails."""
     t0 = time.perf_counter()
     try:
-        decode_mask_file(data, "fuzzed.mask", max_entries=FUZZ_MAX_ENTRIES)
+        decode(data, "fuzzed.mask", FUZZ_MAX_ENTRIES)
         STATS["decoded"] += 1
     except SelfmaskError as exc:
         assert str(exc).startswith("fuzzed.mask"), str(exc)  # every message names the file
@@ -129,7 +148,7 @@ def rebuild(meta: dict, records: list | None, tensors: dict, index_bytes: bytes 
 
 NASTY_INTS = [0, 1, -1, 2, 7, 8, 63, 64, 255, 256, 2**16, 2**20, 2**21 + 1, 2**22, 2**22 + 1, 2**31, 2**32, 2**33,
               2**40, 2**53 + 1, 2**63, 2**64, -(2**63)]
-NASTY_WORDS = ["", "const", "packbits", "ans", "ans-channel", "U8", "F32", "BOOL", "BF16", "I64", "resnet", "topk",
+NASTY_WORDS = ["", "const", "packbits", "ans", "ans-channel", "ans-weight", "U8", "F32", "BOOL", "BF16", "I64", "resnet", "topk",
                "threshold", "train", "(", "[a-", "x" * 300, "\u0000", "selfmask.mask"]
 
 
@@ -331,7 +350,7 @@ def _claim(codec: str, shape: list[int], active: int, payload: bytes = b"") -> b
                    tensors)
 
 
-@pytest.mark.parametrize("codec", ["const", "ans", "ans-channel", "packbits"])
+@pytest.mark.parametrize("codec", ["const", "ans", "ans-channel", "packbits", "ans-weight"])
 def test_default_cap_refuses_huge_claims_before_allocating(codec) -> None:
     data = _claim(codec, [2**20, 2**20], 1 if codec == "ans" else 0, b"\x01\x00\x00\x00")
     assert len(data) < 2000
@@ -425,17 +444,25 @@ def test_regression_mask_config_seed_of_another_type(seed) -> None:
 @settings(FUZZ, max_examples=150)
 @given(st.integers(0, 2**40))
 def test_valid_masks_of_any_structure_round_trip(seed: int) -> None:
-    """The writer and the reader agree on random masks: runs, constant rows, mixed densities, any shape."""
+    """The writer and the reader agree on random masks: runs, constant rows, mixed densities, any shape,
+    with and without the base weights (masks that depend on |w| or not, weights with many ties)."""
     rng = np.random.default_rng(seed)
-    masks = {}
+    masks, base = {}, {}
     for i in range(int(rng.integers(1, 4))):
         shape = tuple(int(d) for d in rng.integers(1, 40, size=int(rng.integers(1, 4))))
         rows = shape[0]
         density = rng.choice([0.0, 1.0, 0.01, 0.5, 0.97], size=rows)
-        m = rng.random((rows, int(np.prod(shape)) // rows)) < density[:, None]
+        w = rng.standard_normal((rows, int(np.prod(shape)) // rows))
+        if rng.random() < 0.3:
+            w = np.round(w)  # ties
+        m = rng.random(w.shape) < density[:, None]
+        if rng.random() < 0.5:  # pruning that depends on |w|
+            m |= np.abs(w) > rng.uniform(0, 2)
         if rng.random() < 0.5:  # a long run at the end
             m.reshape(-1)[int(rng.integers(0, m.size)) :] = bool(rng.integers(0, 2))
         masks[f"t{i}.weight"] = torch.from_numpy(m.reshape(shape))
-    data, _ = encode_mask_file(masks, backbone="resnet_tiny", fingerprint=FP, config=MaskConfig())
-    back = decode_mask_file(data).masks
-    assert all(torch.equal(back[k], v) for k, v in masks.items())
+        base[f"t{i}.weight"] = torch.from_numpy(w.reshape(shape)).float()
+    for given in (None, base):
+        data, _ = encode_mask_file(masks, backbone="resnet_tiny", fingerprint=FP, config=MaskConfig(), base=given)
+        back = decode_mask_file(data).decode_with_base(base, FP).masks
+        assert all(torch.equal(back[k], v) for k, v in masks.items())

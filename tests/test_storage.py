@@ -74,11 +74,14 @@ def test_codec_round_trip_and_size_near_entropy(shape: tuple[int, ...], density:
     if k in (0, n):
         assert codec == "const" and payload == b""
     rows = shape[0] if len(shape) >= 2 else None
+    weights = torch.randn(n, generator=torch.Generator().manual_seed(n)).numpy()
     for name in codecs.CODECS:
         if (name == "const" and k not in (0, n)) or (name == "ans-channel" and rows is None):
             continue
-        payload = codecs.encode(flat, name, rows=rows)
-        assert np.array_equal(codecs.decode(payload, name, n, k, rows=rows), flat)
+        payload = codecs.encode(flat, name, rows=rows, weights=weights)
+        assert np.array_equal(codecs.decode(payload, name, n, k, rows=rows, weights=weights), flat)
+    # given the base weights of a mask that does not depend on them: never bigger than without
+    assert len(codecs.encode_best(flat, rows, weights)[1]) <= len(codecs.encode_best(flat, rows)[1])
 
 
 def structured_mask(rows: int = 32, cols: int = 300, seed: int = 0) -> torch.Tensor:
@@ -227,8 +230,14 @@ def _forged(meta_changes: dict, index: list | None = None, blob: bytes = b"") ->
 
 
 def test_unknown_version_and_forged_headers() -> None:
-    with pytest.raises(SelfmaskError, match="unknown format version 99"):
+    with pytest.raises(SelfmaskError, match="unknown format version 99; this selfmask reads versions 1, 2, 3"):
         decode_mask_file(_forged({"version": 99}))
+    with pytest.raises(SelfmaskError, match="unknown format version True"):
+        decode_mask_file(_forged({"version": True}))
+    weighted = [{"name": "w", "shape": [10], "active": 3, "codec": "ans-weight", "bytes": 0}]
+    for version in (1, 2):
+        with pytest.raises(SelfmaskError, match=f"codec 'ans-weight' is not part of format version {version}"):
+            decode_mask_file(_forged({"version": version}, weighted))
     with pytest.raises(SelfmaskError, match="not a selfmask mask file"):
         decode_mask_file(_forged({"format": "other"}))
     huge = [{"name": "w", "shape": [2**39, 2**39], "active": 0, "codec": "const", "bytes": 0}]

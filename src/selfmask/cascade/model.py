@@ -237,7 +237,7 @@ class Cascade:
         files: dict[str, dict[str, Any]] = {}
         for name, m in self.masks.items():
             data, _infos = encode_mask_file(m.masks, backbone=m.backbone, fingerprint=m.fingerprint, config=m.config,
-                                            extra=m.extra, source=m.source)
+                                            extra=m.extra, source=m.source, base=self.bank.base_weights())
             atomic_write_bytes(path / f"{name}.mask", data, overwrite=True)
             files[name] = {"file": f"{name}.mask", "sha256": hashlib.sha256(data).hexdigest()}
         atomic_save_safetensors(path / "router.safetensors", self.router.tensors, {"method": self.router.method})

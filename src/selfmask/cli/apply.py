@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import warnings
 
+from selfmask.cli.common import add_base_args, build_base
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -16,14 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("file", metavar="FILE", help="mask file")
-    p.add_argument("--backbone", required=True, help="backbone name (see selfmask.backbones.list_backbones) or timm:NAME, torchvision:NAME, open_clip:NAME, module.path:factory")
-    p.add_argument("--weights", default=None, metavar="BASE", help="base weights (.safetensors or .pt state dict)")
-    p.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="without --weights: seed of the random base (default: the seed the mask file records, else 0)",
-    )
+    add_base_args(p, required=True)
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="merged .safetensors file to write")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--force", action="store_true", help="apply even if the base fingerprint does not match")
@@ -33,10 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
     from safetensors.torch import save
 
-    from selfmask.backbones import create_backbone
     from selfmask.errors import SelfmaskError
     from selfmask.storage import atomic_write_bytes, load_mask, merge_mask
     from selfmask.storage.container import check_output_path
@@ -45,12 +38,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = (args.file, args.weights)
     check_output_path(out, overwrite=args.overwrite, inputs=inputs)  # refuse before any work
     mask = load_mask(args.file)
-    if args.weights is None:
-        seed = args.seed if args.seed is not None else mask.source.get("seed", 0)
-        if type(seed) is not int:
-            raise SelfmaskError(f"{args.file}: recorded seed {seed!r} is not an integer; pass --seed")
-        torch.manual_seed(seed)
-    model = create_backbone(args.backbone, args.weights)
+    model = build_base(args, mask, args.file)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         merge_mask(model, mask, force=args.force)

@@ -18,7 +18,7 @@ import torch
 
 from selfmask.errors import SelfmaskError
 
-SECTIONS = ("step", "fastpath", "memory", "augment", "data", "storage", "bank", "knn", "threads")
+SECTIONS = ("step", "fastpath", "memory", "augment", "data", "storage", "bank", "knn", "threads", "conditional")
 # the sections of --suite gpu (selfmask.bench.suite.SECTIONS; listed here so --help needs no import)
 GPU_SECTIONS = ("parity", "step", "memory", "swav", "bank", "knn", "compile")
 
@@ -43,6 +43,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=64, help="--suite cpu: batch size (the gpu suite has its own sizes)")
     p.add_argument("--repeats", type=int, default=7, help="--suite cpu: interleaved timing blocks (median over them)")
     p.add_argument("--only", nargs="+", default=None, metavar="SECTION", help="run only these sections")
+    p.add_argument(
+        "--mask",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="--suite cpu: mask files of the 'conditional' section (each on the base it records: backbone, weights "
+        "path or seed); without: a synthetic ResNet-50 mask whose pruning depends on |w|",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
 
@@ -89,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         "threads": lambda: bench.thread_step_times(
             batch=args.batch, threads=(1, args.threads if (args.threads or 0) > 1 else 2), repeats=args.repeats),
     }
+    if not args.mask:
+        sections["conditional"] = lambda: _synthetic_conditional(args.repeats)
+    for i, path in enumerate(args.mask):
+        sections[f"conditional[{i}]"] = lambda path=path: _conditional(path, args.repeats)
     result: dict[str, Any] = {
         "machine": {
             "platform": platform.platform(),
@@ -99,7 +111,10 @@ def run(args: argparse.Namespace) -> int:
             "date": time.strftime("%Y-%m-%d"),
         }
     }
-    for name in args.only or SECTIONS:
+    chosen = [s for s in (args.only or SECTIONS) if s != "conditional" or not args.mask]
+    if args.mask and (args.only is None or "conditional" in args.only):
+        chosen += [f"conditional[{i}]" for i in range(len(args.mask))]
+    for name in chosen:
         t0 = time.perf_counter()
         result[name] = sections[name]()
         result[name]["bench_seconds"] = time.perf_counter() - t0
@@ -108,6 +123,24 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     return 0
+
+
+def _conditional(path: str, repeats: int) -> dict[str, Any]:
+    """The 'conditional' section for one mask file, on the base it records."""
+    from selfmask.bench import conditional_coding
+    from selfmask.cli.common import build_base
+    from selfmask.storage import load_mask
+
+    mask = load_mask(path)
+    where = argparse.Namespace(backbone=mask.backbone, weights=mask.source.get("weights"), seed=None)
+    return {"file": path, **conditional_coding(mask, build_base(where, mask, path), repeats)}
+
+
+def _synthetic_conditional(repeats: int) -> dict[str, Any]:
+    from selfmask.bench import conditional_coding, synthetic_mask
+
+    mask, base = synthetic_mask()
+    return {"file": "synthetic resnet50, P(off) = 0.4 (1 - rank(|w|)/n)^3", **conditional_coding(mask, base, repeats)}
 
 
 def _run_gpu_suite(args: argparse.Namespace) -> int:
@@ -132,18 +165,26 @@ _KEY_FIGURES = {
                 "encode_plus_decode_s"),
     "bank": ("switch_s", "copy_s", "switch_over_copy"),
     "knn": ("bank", "queries", "dim", "seconds", "queries_per_s"),
+    "conditional": ("file", "masked_weights", "payload_bits_per_weight", "bounds_bits_per_weight",
+                    "conditioned_over_per_tensor_bound", "conditioned_over_weight_bound", "mask_bytes",
+                    "encode_over_lzma9", "decode_over_lzma9", "encode_plus_decode_over_lzma9"),
 }
 
 
 def _print_section(name: str, res: dict[str, Any]) -> None:
-    keys = [k for k in _KEY_FIGURES.get(name, ()) if k in res] or [k for k in res if not isinstance(res[k], dict)]
-    parts = []
-    for k in keys:
-        v = res[k]
-        parts.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
-    print(f"[{name}] " + ", ".join(parts))
+    figures = _KEY_FIGURES.get(name.split("[")[0], ())  # "conditional[0]": one per mask file
+    keys = [k for k in figures if k in res] or [k for k in res if not isinstance(res[k], dict)]
+    print(f"[{name}] " + ", ".join(f"{k}={_fmt(res[k])}" for k in keys))
     mixed = res.get("mixed")
     if isinstance(mixed, dict):  # bank: mixed-task batches, one line per number of tasks
         for row in mixed["rows"]:
-            print(f"[{name}/mixed {mixed['backbone']}, batch {mixed['batch']}] " + ", ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+            print(f"[{name}/mixed {mixed['backbone']}, batch {mixed['batch']}] "
+                  + ", ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(x)}" for k, x in v.items()) + "}"
+    return str(v)

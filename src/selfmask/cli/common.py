@@ -133,3 +133,90 @@ def check_eval_args(args: argparse.Namespace) -> None:
         raise SelfmaskError(f"--knn-k must be >= 1, got {args.knn_k}")
     if not args.knn_temperature > 0:
         raise SelfmaskError(f"--knn-temperature must be > 0, got {args.knn_temperature}")
+
+
+def add_base_args(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """``--backbone/--weights/--seed``: the base model a mask file belongs to."""
+    what = "backbone name (see selfmask backbones) or timm:NAME, torchvision:NAME, open_clip:NAME, module.path:factory"
+    if not required:
+        what += "; with it the masks are decoded on this base (needed for files coded given the base weights)"
+    p.add_argument("--backbone", required=required, default=None, help=what)
+    p.add_argument("--weights", default=None, metavar="BASE", help="base weights (.safetensors or .pt state dict)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="without --weights: seed of the random base (default: the seed the mask file records, else 0)",
+    )
+
+
+def build_base(args: argparse.Namespace, mask: Any, where: str) -> Any:
+    """The base backbone of ``--backbone``/``--weights`` (a random base: ``--seed`` or the file's recorded seed)."""
+    import torch
+
+    from selfmask.backbones import create_backbone
+
+    if args.weights is None:
+        seed = args.seed if args.seed is not None else mask.source.get("seed", 0)
+        if type(seed) is not int:
+            raise SelfmaskError(f"{where}: recorded seed {seed!r} is not an integer; pass --seed")
+        torch.manual_seed(seed)
+    return create_backbone(args.backbone, args.weights)
+
+
+def load_mask_for_report(args: argparse.Namespace) -> tuple[Any, dict[str, Any] | None]:
+    """``args.file`` read, and decoded on the base of ``--backbone`` when given: ``(MaskFile, base weights)``."""
+    from selfmask.fingerprint import model_fingerprint
+    from selfmask.masking.model import base_state_dict
+    from selfmask.storage import load_mask
+
+    mask = load_mask(args.file)
+    if args.backbone is None:
+        return mask, None
+    model = build_base(args, mask, args.file)
+    base = base_state_dict(model)
+    fingerprint = model_fingerprint(model)
+    if fingerprint != mask.fingerprint:  # the bounds of other weights would mean nothing
+        raise SelfmaskError(
+            f"{args.file}: the mask was trained on base fingerprint {mask.fingerprint[:16]}..., --backbone/--weights "
+            f"give {fingerprint[:16]}... (different weights or a different backbone)"
+        )
+    return mask.decode_with_base(base, fingerprint), base
+
+
+def bits_cell(bits: float | None, numel: int, width: int) -> str:
+    """Bits per weight, right-aligned, or '-' when unknown."""
+    return f"{'-':>{width}}" if bits is None else f"{bits / numel if numel else 0.0:>{width}.4f}"
+
+
+def print_bounds(summary: dict[str, Any], width: int) -> None:
+    """Per tensor and in total: our payload beside the per-tensor, per-channel and weight-conditioned bounds."""
+    from selfmask.storage.bounds import BOUND_BINS
+
+    print(f"bounds (bits per weight): ours, per tensor, per output channel, given {BOUND_BINS} quantile bins of |w|")
+    print(f"{'tensor':<{width}}  {'codec':>10}  {'ours b/w':>8}  {'H tensor':>8}  {'H chan':>8}  {'H | w':>8}")
+    for t in summary["tensors"]:
+        b, n = t["bounds_bits"], t["numel"]
+        print(
+            f"{t['name']:<{width}}  {t['codec']:>10}  {bits_cell(8 * t['payload_bytes'], n, 8)}  "
+            f"{bits_cell(b['per_tensor'], n, 8)}  {bits_cell(b['per_channel'], n, 8)}  {bits_cell(b['weight'], n, 8)}"
+        )
+    n, totals = summary["masked_weights"], summary["bounds_bytes"]
+    cells = "  ".join(bits_cell(None if v is None else 8 * v, n, 8) for v in totals.values())
+    print(f"{'total':<{width}}  {'':>10}  {bits_cell(8 * summary['payload_bytes'], n, 8)}  {cells}")
+    parts = []
+    for kind, label in (("per_tensor", "per-tensor"), ("per_channel", "per-channel"), ("weight", "weight-conditioned")):
+        v = totals[kind]
+        if v is None:
+            parts.append(f"{label} bound -")
+        else:
+            ratio = f" ({summary['payload_bytes'] / v:.3f}x)" if v else ""
+            parts.append(f"{label} bound {v:,.0f} B{ratio}")
+    print(f"payload {summary['payload_bytes']:,} B (file {summary['file_bytes']:,} B); " + ", ".join(parts))
+    if summary["needs_base"]:
+        print(
+            "some masks are coded given the base weights: pass --backbone (and --weights or --seed) to decode them "
+            "and show their per-channel and weight-conditioned bounds"
+        )
+    elif totals["weight"] is None:
+        print("the weight-conditioned bound needs the base weights: pass --backbone (and --weights or --seed)")

@@ -77,9 +77,10 @@ def legacy_fingerprint(base_state: Mapping[str, torch.Tensor], mask: MaskFile) -
 
 
 def check_names_and_shapes(targets: dict[str, torch.Size], mask: MaskFile, what: str) -> None:
-    """The file's tensors must be exactly ``targets`` (name -> shape)."""
-    missing = sorted(set(targets) - set(mask.masks))
-    unexpected = sorted(set(mask.masks) - set(targets))
+    """The file's tensors must be exactly ``targets`` (name -> shape); read from the index, nothing decoded."""
+    shapes = {t.name: t.shape for t in mask.tensors}
+    missing = sorted(set(targets) - set(shapes))
+    unexpected = sorted(set(shapes) - set(targets))
     if missing or unexpected:
         raise SelfmaskError(
             f"{what}: the mask file's tensors do not match the model: masked in the model but not in the file "
@@ -87,10 +88,9 @@ def check_names_and_shapes(targets: dict[str, torch.Size], mask: MaskFile, what:
             f"{unexpected[:6]}{' ...' if len(unexpected) > 6 else ''}"
         )
     for name, shape in targets.items():
-        if tuple(shape) != tuple(mask.masks[name].shape):
+        if tuple(shape) != shapes[name]:
             raise SelfmaskError(
-                f"{what}: tensor {name!r} has shape {list(shape)} in the model but {list(mask.masks[name].shape)} "
-                "in the mask file"
+                f"{what}: tensor {name!r} has shape {list(shape)} in the model but {list(shapes[name])} in the mask file"
             )
 
 
@@ -109,13 +109,15 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
 
     ``model`` is a plain backbone (it is masked with the file's ``MaskConfig``) or a
     model already masked with the same targets. Its base fingerprint must match the
-    file's unless ``force=True`` (then a warning). Names and shapes must match exactly.
+    file's unless ``force=True`` (then a warning; but masks coded given the base weights
+    are refused on other weights even then). Names and shapes must match exactly.
     Afterwards ``current_masks(model)`` equals ``mask.masks`` bit for bit.
     """
     if not isinstance(mask, MaskFile):
         mask = load_mask(mask)
     base_state = base_state_dict(model)
-    check_fingerprint(fingerprint_tensors(base_state), mask, force=force, base_state=base_state)
+    fingerprint = fingerprint_tensors(base_state)
+    check_fingerprint(fingerprint, mask, force=force, base_state=base_state)
     if is_masked(model):
         config = mask_config(model)
         if config.mode != mask.config.mode:
@@ -133,6 +135,7 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
     else:
         targets = {n: p.shape for n, p in model.named_parameters() if mask.config.matches(n)}
     check_names_and_shapes(targets, mask, "apply_mask")  # before the model is changed in any way
+    mask.decode_with_base(base_state, fingerprint)  # masks coded given the base (none: no-op)
     if mask.config.mode == "topk":
         for info in mask.tensors:
             stored = mask.masks[info.name]

@@ -112,6 +112,7 @@ class MaskBank:
         check_fingerprint(self.fingerprint, mask, force=self.force, what=f"MaskBank.add({name!r})")
         targets = {n: p.shape for n, p in self._params.items() if mask.config.matches(n)}
         check_names_and_shapes(targets, mask, f"MaskBank.add({name!r})")
+        mask.decode_with_base(self.base_weights(), self.fingerprint)  # masks coded given the base (none: no-op)
         buffers = check_buffers(self.model, mask, f"MaskBank.add({name!r})")
         for bname in buffers:
             if bname not in self._buffer_originals:
@@ -132,6 +133,10 @@ class MaskBank:
             rescale = mask.config.rescale
             inv_alpha[tname] = _part_inv_alpha(m.to(param.device), dtype, parts[tname]) if rescale else ones
         self._tasks[name] = _Task(packed, inv_alpha, dict(mask.extra), buffers)
+
+    def base_weights(self) -> dict[str, torch.Tensor]:
+        """The backbone's base parameters by name, whatever task is active (what masks are coded against)."""
+        return {n: self._originals.get(n, p) for n, p in self._params.items()}
 
     def remove(self, name: str) -> None:
         self._require(name)

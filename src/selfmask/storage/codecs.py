@@ -1,7 +1,7 @@
 """Codecs for one binary mask tensor (METHOD.md section 5: storage).
 
 A mask of ``n`` entries with ``k`` ones carries at most ``n * H(k/n)`` bits of
-information (``H`` the binary entropy). Three codecs, the writer keeps the smallest:
+information (``H`` the binary entropy). The codecs below; the writer keeps the smallest:
 
 * ``"const"``: all entries equal (``k == 0`` or ``k == n``); no payload at all.
 * ``"packbits"``: one bit per entry (``numpy.packbits``, little bit order), ``ceil(n/8)`` bytes.
@@ -16,6 +16,10 @@ information (``H`` the binary entropy). Three codecs, the writer keeps the small
   ``sum_i cols * H(k_i/cols) + rows * log2(cols + 1)`` bits, so it wins when channels
   differ in density (learned masks often do), and is only tried when that estimate
   beats the per-tensor one.
+* ``"ans-weight"``: each bit coded given the base weight it masks (quantile bins of
+  ``|w|``, optionally with channel groups); see :mod:`selfmask.storage.conditional`.
+  Its payload decodes only with the base weights (:data:`NEEDS_BASE`); tried when the
+  writer is given them.
 
 Every codec works on a flat bool array (C order). Decoders never trust their input:
 a payload of the wrong size, a coder error or a decoded count that differs from the
@@ -28,8 +32,11 @@ import numpy as np
 
 from selfmask.errors import SelfmaskError
 from selfmask.masking.model import binary_entropy
+from selfmask.storage import conditional
 
-CODECS = ("const", "packbits", "ans", "ans-channel")
+CODECS = ("const", "packbits", "ans", "ans-channel", conditional.CODEC)
+#: Codecs whose payload decodes only given the base weights of the tensor.
+NEEDS_BASE = frozenset({conditional.CODEC})
 #: The per-channel codec is used for rows of fewer entries than this (the coder's precision).
 MAX_CHANNEL_COLS = 2**16
 #: Entries decoded per call into the coder: bounds the coder's int32 output (4 bytes per entry) to a few
@@ -88,8 +95,12 @@ def _channel_estimate_bits(flat: np.ndarray, rows: int) -> float:
     return float(cols * entropy.sum() + rows * np.log2(cols + 1))
 
 
-def encode(flat: np.ndarray, codec: str, rows: int | None = None) -> bytes:
-    """Encode a flat bool array with ``codec`` (one of :data:`CODECS`; ``rows`` for ``"ans-channel"``)."""
+def encode(flat: np.ndarray, codec: str, rows: int | None = None, weights: np.ndarray | None = None) -> bytes:
+    """Encode a flat bool array with ``codec`` (one of :data:`CODECS`).
+
+    ``rows``: the output channels (``"ans-channel"``, optional for ``"ans-weight"``);
+    ``weights``: the flat base weights of the same entries (``"ans-weight"``).
+    """
     numel = int(flat.size)
     active = int(np.count_nonzero(flat))
     if codec == "const":
@@ -110,14 +121,23 @@ def encode(flat: np.ndarray, codec: str, rows: int | None = None) -> bytes:
         _check_rows(numel, rows, "mask")
         assert rows is not None
         return _encode_channels(flat, rows)
+    if codec == conditional.CODEC:
+        if weights is None:
+            raise SelfmaskError(f"codec {codec!r} needs the base weights of the tensor")
+        payload = conditional.encode(flat, weights, rows)
+        assert payload is not None
+        return payload
     raise SelfmaskError(f"unknown mask codec {codec!r}; expected one of {CODECS}")
 
 
-def encode_best(flat: np.ndarray, rows: int | None = None) -> tuple[str, bytes]:
+def encode_best(flat: np.ndarray, rows: int | None = None, weights: np.ndarray | None = None) -> tuple[str, bytes]:
     """The smallest encoding of a flat bool array: ``(codec, payload)``.
 
     With ``rows`` (the output channels of the tensor) the per-channel model is tried
-    too when its estimated size beats the per-tensor entropy.
+    too when its estimated size beats the per-tensor entropy. With ``weights`` (the
+    flat base weights of the same entries) the weight-conditioned model is tried when
+    its estimate beats the smallest payload so far; on a tie the others win (they
+    decode without the base).
     """
     numel = int(flat.size)
     active = int(np.count_nonzero(flat))
@@ -127,7 +147,12 @@ def encode_best(flat: np.ndarray, rows: int | None = None) -> tuple[str, bytes]:
     channels_fit = rows is not None and rows > 1 and numel % rows == 0 and numel // rows < MAX_CHANNEL_COLS
     if channels_fit and _channel_estimate_bits(flat, rows) < numel * binary_entropy(active / numel):
         candidates.append(("ans-channel", _encode_channels(flat, rows)))
-    return min(candidates, key=lambda c: len(c[1]))
+    codec, payload = min(candidates, key=lambda c: len(c[1]))
+    if weights is not None:
+        conditioned = conditional.encode(flat, weights, rows, max_bits=8 * len(payload))
+        if conditioned is not None and len(conditioned) < len(payload):
+            return conditional.CODEC, conditioned
+    return codec, payload
 
 
 def expected_payload_bytes(codec: str, numel: int) -> int | None:
@@ -140,17 +165,28 @@ def expected_payload_bytes(codec: str, numel: int) -> int | None:
 
 
 def decode(
-    payload: bytes, codec: str, numel: int, active: int, *, rows: int | None = None, where: str = "mask"
+    payload: bytes,
+    codec: str,
+    numel: int,
+    active: int,
+    *,
+    rows: int | None = None,
+    weights: np.ndarray | None = None,
+    where: str = "mask",
 ) -> np.ndarray:
     """Decode ``payload`` into a flat bool array of ``numel`` entries with ``active`` ones.
 
-    ``rows`` is the row count of ``"ans-channel"``; ``where`` names the tensor (and
-    file) in error messages.
+    ``rows`` is the row count of ``"ans-channel"`` (and the channels of ``"ans-weight"``);
+    ``weights`` the flat base weights of the entries (``"ans-weight"`` only: the caller has
+    checked they are the file's base); ``where`` names the tensor (and file) in error messages.
     """
     if codec not in CODECS:
         raise SelfmaskError(f"{where}: unknown codec {codec!r}; expected one of {CODECS}")
     if not (0 <= active <= numel):
         raise SelfmaskError(f"{where}: active count {active} is outside [0, {numel}]")
+    if codec in NEEDS_BASE and (weights is None or weights.size != numel):
+        got = "none" if weights is None else f"{weights.size}"
+        raise SelfmaskError(f"{where}: codec {codec!r} decodes only given the {numel} base weights of the tensor, got {got}")
     fixed = expected_payload_bytes(codec, numel)
     if fixed is not None and len(payload) != fixed:
         raise SelfmaskError(f"{where}: codec {codec!r} needs {fixed} payload bytes for {numel} entries, got {len(payload)}")
@@ -164,6 +200,9 @@ def decode(
         flat = unpack_bits(payload, numel)
     elif codec == "ans-channel":
         flat = _decode_channels(payload, numel, _check_rows(numel, rows, where), where)
+    elif codec == conditional.CODEC:
+        assert weights is not None
+        flat = conditional.decode(payload, weights, rows, where)
     else:
         if len(payload) % 4 or not payload:
             raise SelfmaskError(f"{where}: an 'ans' payload is a whole number of 4-byte words, got {len(payload)} bytes")
@@ -222,4 +261,4 @@ def _decode_channels(payload: bytes, numel: int, cols: int, where: str) -> np.nd
     return grid.reshape(-1)
 
 
-__all__ = ["CODECS", "decode", "encode", "encode_best", "expected_payload_bytes", "pack_bits", "unpack_bits"]
+__all__ = ["CODECS", "NEEDS_BASE", "decode", "encode", "encode_best", "expected_payload_bytes", "pack_bits", "unpack_bits"]

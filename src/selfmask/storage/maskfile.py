@@ -11,6 +11,11 @@ A mask file (format ``selfmask.mask``, version :data:`FORMAT_VERSION`; see docs/
 * extra trained tensors, e.g. a linear head (``extra.<name>``),
 * a checksum over the whole file.
 
+Tensors coded with ``"ans-weight"`` (version 3) are coded given the base weights they mask:
+reading a file checks and parses everything, but those masks are decoded only once the
+base weights are given (:meth:`MaskFile.decode_with_base`, called by ``apply_mask``,
+``MaskBank.add`` and ``load_mask(..., base=model)``), after their fingerprint is checked.
+
 With selective masking (``MaskConfig.trainable_fraction < 1``) only the trainable
 entries are stored; the others are 1 by construction and are regenerated from the
 config's seed (:func:`~selfmask.masking.layer.selective_trainable_mask`).
@@ -35,21 +40,25 @@ from selfmask.errors import SelfmaskError
 from selfmask.fingerprint import model_fingerprint
 from selfmask.masking.config import LEGACY_DEFAULTS, MaskConfig
 from selfmask.masking.layer import selective_trainable_mask
-from selfmask.masking.model import binary_entropy, current_masks, mask_config
+from selfmask.masking.model import base_state_dict, base_tensors, binary_entropy, current_masks, mask_config
 from selfmask.storage import codecs
+from selfmask.storage.bounds import tensor_bounds
 from selfmask.storage.container import atomic_write_bytes, check_shape, parse_json, read_container, write_container
 
 FORMAT_NAME = "selfmask.mask"
 # --- format versions: the one place that says what each version means ----------------------------
 #: The version this code writes. 1: the first. 2: fused q/k/v tensors masked as three parts
 #: (``MaskConfig.split_fused``; the index records ``parts`` per tensor) and the authors' top-k
-#: count (``MaskConfig.topk_count``).
-FORMAT_VERSION = 2
+#: count (``MaskConfig.topk_count``). 3: the ``"ans-weight"`` codec (masks coded given the base
+#: weights, decoded only with them).
+FORMAT_VERSION = 3
 #: Versions this code reads.
-READ_VERSIONS = (1, 2)
+READ_VERSIONS = (1, 2, 3)
 #: For a file of an older version: the MaskConfig fields whose default changed since, as that
 #: version's code used them (an old file stores no such key), so it applies bit for bit.
 LEGACY_CONFIG: dict[int, dict[str, Any]] = {1: LEGACY_DEFAULTS}
+#: Codecs introduced after version 1, and the version that introduced them.
+CODEC_SINCE = {"ans-weight": 3}
 #: Default cap on the total number of mask entries a reader decodes (about one byte each in memory).
 #: A hostile file of a few hundred bytes can claim this many entries (a constant mask needs no
 #: payload), so it bounds what reading an untrusted file may allocate: 2 GiB, 24 times the largest
@@ -131,17 +140,70 @@ class MaskTensorInfo:
 
 @dataclass
 class MaskFile:
-    """A mask file in memory: bool masks by qualified parameter name, extras and metadata."""
+    """A mask file in memory: bool masks by qualified parameter name, extras and metadata.
+
+    ``decoded`` holds the masks decoded so far; ``pending`` the payloads of tensors coded
+    given the base weights (codec ``"ans-weight"``), decoded by :meth:`decode_with_base`.
+    :attr:`masks` is every mask, and refuses with one clear line while any is pending.
+    """
 
     backbone: str
     fingerprint: str
     config: MaskConfig
-    masks: dict[str, torch.Tensor]
+    decoded: dict[str, torch.Tensor]
     tensors: list[MaskTensorInfo]
     extra: dict[str, torch.Tensor] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)
     file_bytes: int = 0
     version: int = FORMAT_VERSION
+    pending: dict[str, bytes] = field(default_factory=dict)
+    where: str = "<mask bytes>"
+
+    @property
+    def needs_base(self) -> bool:
+        """Whether some masks still need the base weights to be decoded."""
+        return bool(self.pending)
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """Every mask (bool, by qualified name, in file order); refused while some need the base weights."""
+        if self.pending:
+            names = list(self.pending)
+            raise SelfmaskError(
+                f"{self.where}: {len(names)} mask(s) (first {names[0]!r}) are coded given the base weights "
+                f"(codec {codecs.conditional.CODEC!r}) and need them to be decoded: use apply_mask, MaskBank.add, "
+                "`selfmask apply` or load_mask(..., base=model) with the base model (fingerprint "
+                f"{self.fingerprint[:16]}...)"
+            )
+        return self.decoded
+
+    def decode_with_base(self, weights: Mapping[str, torch.Tensor], fingerprint: str) -> MaskFile:
+        """Decode the masks coded given the base weights; returns ``self``.
+
+        ``weights``: the base tensors by qualified name (a model's ``base_state_dict``);
+        ``fingerprint``: their fingerprint (:func:`~selfmask.fingerprint.model_fingerprint`),
+        which must equal the file's, before anything is decoded: other weights would give
+        another mask, not an error (``force`` does not apply here).
+        """
+        if not self.pending:
+            return self
+        if fingerprint != self.fingerprint:
+            raise SelfmaskError(
+                f"{self.where}: the masks are coded given the base weights of fingerprint {self.fingerprint[:16]}..., "
+                f"but the weights given have fingerprint {fingerprint[:16]}... (different weights or backbone); "
+                "they decode only on the exact base they were trained on"
+            )
+        infos = {i.name: i for i in self.tensors}
+        for name, payload in list(self.pending.items()):
+            info = infos[name]
+            w = weights.get(name)
+            if w is None or tuple(w.shape) != info.shape:
+                got = "missing" if w is None else f"shape {list(w.shape)}"
+                raise SelfmaskError(f"{self.where}: tensor {name!r}: base weight of shape {list(info.shape)} needed, {got}")
+            self.decoded[name] = _decode_tensor(payload, info, self.config, self.where, w)
+            del self.pending[name]
+        self.decoded = {i.name: self.decoded[i.name] for i in self.tensors}  # file order
+        return self
 
     @property
     def numel(self) -> int:
@@ -161,12 +223,43 @@ class MaskFile:
         """Per-tensor information limit: sum over tensors of ``n * H(p)`` (stored entries)."""
         return sum(t.entropy_bits for t in self.tensors)
 
-    def summary(self) -> dict[str, Any]:
-        """Sizes and ratios for ``selfmask inspect`` (JSON-serialisable).
+    def bounds(self, base: Mapping[str, torch.Tensor] | None = None) -> list[dict[str, float | None]]:
+        """Per tensor (file order) the bounds in bits of :func:`~selfmask.storage.bounds.tensor_bounds`.
+
+        Over the stored entries. ``per_channel`` needs the decoded mask (and all entries
+        stored); ``weight`` needs it and the base weights ``base`` (by name).
+        """
+        out = []
+        for info in self.tensors:
+            stored = _stored_entries(self.config, info.name, info.shape)
+            mask = self.decoded.get(info.name)
+            if mask is None:  # pending: only the per-tensor bound is known without the base
+                out.append({"per_tensor": info.entropy_bits, "per_channel": None, "weight": None})
+                continue
+            flat = mask.reshape(-1)
+            if stored is not None:
+                flat = flat[stored.reshape(-1)]
+            weight = None if base is None else base.get(info.name)
+            side = None if weight is None else _side_weights(self.config, info.name, info.shape, weight)
+            rows = _rows(info.shape, stored is None) or (1 if stored is None else None)  # 1-D: one channel
+            out.append(tensor_bounds(flat.numpy(), rows, side))
+        return out
+
+    def summary(self, base: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Sizes, ratios and bounds for ``selfmask inspect`` (JSON-serialisable).
 
         ``mask_bytes`` is the file without its extra tensors (header + payloads); bits
-        per weight and the ratios to fp32/fp16 weights are taken over it.
+        per weight and the ratios to fp32/fp16 weights are taken over it. ``bounds_bytes``:
+        the per-tensor, per-channel and weight-conditioned bounds in all (``None`` where a
+        tensor's is unknown: masks still coded given the base, or no ``base`` given);
+        ``tensors[i]["bounds_bits"]``: each tensor's.
         """
+        bounds = self.bounds(base)
+        tensors = [{**t.to_dict(), "bounds_bits": b} for t, b in zip(self.tensors, bounds)]
+        totals = {
+            kind: (None if any(b[kind] is None for b in bounds) else sum(b[kind] for b in bounds) / 8)
+            for kind in ("per_tensor", "per_channel", "weight")
+        }
         n = self.numel
         extra_bytes = sum(t.numel() * t.element_size() for t in self.extra.values())
         mask_bytes = self.file_bytes - extra_bytes  # header + payloads: what the masks cost
@@ -193,8 +286,10 @@ class MaskFile:
             "entropy_bits_per_weight": self.entropy_bits / n if n else 0.0,
             "ratio_to_fp32": 32 * n / mask_bits if mask_bits else 0.0,
             "ratio_to_fp16": 16 * n / mask_bits if mask_bits else 0.0,
+            "bounds_bytes": totals,
+            "needs_base": self.needs_base,
             "extra": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")} for k, v in self.extra.items()},
-            "tensors": [t.to_dict() for t in self.tensors],
+            "tensors": tensors,
         }
 
 
@@ -208,6 +303,38 @@ def _stored_entries(config: MaskConfig, name: str, shape: tuple[int, ...]) -> to
 def _rows(shape: tuple[int, ...], all_stored: bool) -> int | None:
     """Output channels for the per-channel codec: ``shape[0]`` of a tensor stored whole, of rank >= 2."""
     return shape[0] if all_stored and len(shape) >= 2 and shape[0] > 0 else None
+
+
+def _side_weights(config: MaskConfig, name: str, shape: tuple[int, ...], weight: torch.Tensor) -> np.ndarray:
+    """The base weights of the stored entries of a tensor, flat, as float32 or float64 (exactly)."""
+    flat = weight.detach().to("cpu").reshape(-1)
+    stored = _stored_entries(config, name, shape)
+    if stored is not None:
+        flat = flat[stored.reshape(-1)]
+    exact32 = flat.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    return flat.to(torch.float32 if exact32 else torch.float64).numpy()
+
+
+def _decode_tensor(
+    payload: bytes, info: MaskTensorInfo, config: MaskConfig, where: str, weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """One tensor's mask from its payload (``weight``: its base weight, for codecs that need it)."""
+    stored = _stored_entries(config, info.name, info.shape)
+    bits = codecs.decode(
+        payload,
+        info.codec,
+        info.coded,
+        info.coded_active,
+        rows=_rows(info.shape, stored is None),
+        weights=None if weight is None else _side_weights(config, info.name, info.shape, weight),
+        where=f"{where}: tensor {info.name!r}",
+    )
+    flat = torch.from_numpy(bits if bits.flags.writeable else bits.copy())  # no second copy of a big mask
+    if stored is not None:
+        full = torch.ones(info.numel, dtype=torch.bool)
+        full[stored.reshape(-1)] = flat
+        flat = full
+    return flat.view(info.shape)
 
 
 def _parts(config: MaskConfig, name: str, shape: tuple[int, ...]) -> int:
@@ -232,11 +359,14 @@ def encode_mask_file(
     config: MaskConfig,
     extra: Mapping[str, torch.Tensor] | None = None,
     source: Mapping[str, Any] | None = None,
+    base: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[bytes, list[MaskTensorInfo]]:
     """Encode bool ``masks`` (by qualified name) into the bytes of a mask file.
 
     Returns the bytes and what was recorded per tensor. ``source`` is free-form JSON
-    (e.g. the run folder and the seed of a random base).
+    (e.g. the run folder and the seed of a random base). ``base``: the base weights
+    (by name; those of ``fingerprint``): each tensor may then be coded given them
+    (``"ans-weight"``) when that is smaller, and such a file decodes only with them.
     """
     if not isinstance(backbone, str) or not backbone:
         raise SelfmaskError(f"mask file: backbone must be a non-empty name, got {backbone!r}")
@@ -260,7 +390,14 @@ def encode_mask_file(
                 )
             flat = flat[stored]
         bits = flat.numpy()
-        codec, payload = codecs.encode_best(bits, rows=_rows(shape, stored is None))
+        side = None
+        if base is not None:
+            weight = base.get(name)
+            if weight is None or tuple(weight.shape) != shape:
+                got = "missing" if weight is None else f"shape {list(weight.shape)}"
+                raise SelfmaskError(f"mask {name!r}: base weight of shape {list(shape)} needed, {got}")
+            side = _side_weights(config, name, shape, weight)
+        codec, payload = codecs.encode_best(bits, rows=_rows(shape, stored is None), weights=side)
         parts = _parts(config, name, shape)
         infos.append(
             MaskTensorInfo(name, shape, int(bits.size), int(np.count_nonzero(bits)), codec, len(payload), parts)
@@ -322,29 +459,20 @@ def decode_mask_file(data: bytes, where: str = "<mask bytes>", *, max_entries: i
     records = _read_index(bytes(raw[INDEX_KEY].data), where)
     if meta.get("tensors") != len(records):
         raise SelfmaskError(f"{where}: metadata says {meta.get('tensors')!r} tensors, the index lists {len(records)}")
-    infos = _check_records(records, raw[MASKS_KEY].shape[0], config, where, max_entries)
+    version = int(meta["version"])  # one of READ_VERSIONS (checked by read_container)
+    infos = _check_records(records, raw[MASKS_KEY].shape[0], config, where, max_entries, version)
 
     masks: dict[str, torch.Tensor] = {}
+    pending: dict[str, bytes] = {}
     blob = raw[MASKS_KEY].data
     offset = 0
     for info in infos:
         payload = bytes(blob[offset : offset + info.payload_bytes])
         offset += info.payload_bytes
-        stored = _stored_entries(config, info.name, info.shape)
-        bits = codecs.decode(
-            payload,
-            info.codec,
-            info.coded,
-            info.coded_active,
-            rows=_rows(info.shape, stored is None),
-            where=f"{where}: tensor {info.name!r}",
-        )
-        flat = torch.from_numpy(bits if bits.flags.writeable else bits.copy())  # no second copy of a big mask
-        if stored is not None:
-            full = torch.ones(info.numel, dtype=torch.bool)
-            full[stored.reshape(-1)] = flat
-            flat = full
-        masks[info.name] = flat.view(info.shape)
+        if info.codec in codecs.NEEDS_BASE:
+            pending[info.name] = payload  # decoded given the base weights (MaskFile.decode_with_base)
+        else:
+            masks[info.name] = _decode_tensor(payload, info, config, where)
 
     extra: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
@@ -353,7 +481,7 @@ def decode_mask_file(data: bytes, where: str = "<mask bytes>", *, max_entries: i
             extra[key[len(EXTRA_PREFIX) :]] = t.view(torch.bfloat16) if tensor.dtype == "BF16" else t
         elif key not in (INDEX_KEY, MASKS_KEY):
             raise SelfmaskError(f"{where}: unexpected tensor {key!r} (expected {INDEX_KEY!r}, {MASKS_KEY!r}, 'extra.*')")
-    return MaskFile(backbone, fingerprint, config, masks, infos, extra, source, len(data), version)
+    return MaskFile(backbone, fingerprint, config, masks, infos, extra, source, len(data), version, pending, where)
 
 
 def _read_index(compressed: bytes, where: str) -> list[Any]:
@@ -369,7 +497,7 @@ def _read_index(compressed: bytes, where: str) -> list[Any]:
 
 
 def _check_records(
-    records: list[Any], blob_bytes: int, config: MaskConfig, where: str, max_entries: int
+    records: list[Any], blob_bytes: int, config: MaskConfig, where: str, max_entries: int, version: int
 ) -> list[MaskTensorInfo]:
     infos: list[MaskTensorInfo] = []
     seen: set[str] = set()
@@ -396,6 +524,8 @@ def _check_records(
             raise SelfmaskError(f"{where}: tensor {name!r}: active count {active!r} outside [0, {coded}]")
         if codec not in codecs.CODECS:
             raise SelfmaskError(f"{where}: tensor {name!r}: unknown codec {codec!r}; expected one of {codecs.CODECS}")
+        if CODEC_SINCE.get(codec, 1) > version:
+            raise SelfmaskError(f"{where}: tensor {name!r}: codec {codec!r} is not part of format version {version}")
         if type(nbytes) is not int or nbytes < 0:
             raise SelfmaskError(f"{where}: tensor {name!r}: invalid payload size {nbytes!r}")
         try:
@@ -434,10 +564,15 @@ def save_mask(
     extra: Mapping[str, torch.Tensor] | None = None,
     overwrite: bool = False,
     source: Mapping[str, Any] | None = None,
+    portable: bool = False,
     base_fingerprint: str | None = None,
     inputs: Iterable[str | Path | None] = (),
 ) -> list[MaskTensorInfo]:
     """Write the current masks of a masked ``model`` to ``path`` (atomically).
+
+    Each tensor is coded with the smallest codec, including the one conditioned on the
+    model's base weights (the file then decodes only with them); ``portable=True`` leaves
+    that one out, so that ``load_mask`` alone decodes every mask.
 
     Args:
         model: a model masked with :func:`~selfmask.masking.mask_model`.
@@ -445,6 +580,7 @@ def save_mask(
         backbone: the backbone name (default: ``model.backbone_name``).
         extra: extra trained tensors to store, e.g. ``{"weight": head.weight, "bias": head.bias}``.
         source: free-form JSON recorded with the file (e.g. the run folder).
+        portable: do not code masks given the base weights (a file that decodes without them).
         base_fingerprint: the fingerprint of the base weights the masks were trained on
             (default: ``model_fingerprint(model)``). Pass it when the model's buffers were
             trained (BatchNorm statistics with ``bn="train"``): the file must name the base
@@ -465,17 +601,26 @@ def save_mask(
         config=config,
         extra=extra,
         source=source,
+        base=None if portable else base_tensors(model),
     )
     atomic_write_bytes(path, data, overwrite=overwrite, inputs=inputs)
     return infos
 
 
-def load_mask(path: str | Path, *, max_entries: int = MAX_ENTRIES) -> MaskFile:
-    """Read and verify a mask file (checksum, sizes, codecs); masks come back as bool tensors."""
+def load_mask(path: str | Path, *, max_entries: int = MAX_ENTRIES, base: nn.Module | None = None) -> MaskFile:
+    """Read and verify a mask file (checksum, sizes, codecs); masks come back as bool tensors.
+
+    Masks coded given the base weights are decoded only with ``base`` (a plain or masked
+    model whose base fingerprint must be the file's); without it the file's header,
+    fingerprint, config and per-tensor sizes are read and ``.masks`` says what is missing.
+    """
     path = Path(path)
     if not path.is_file():
         raise SelfmaskError(f"mask file {str(path)!r} does not exist")
-    return decode_mask_file(path.read_bytes(), str(path), max_entries=max_entries)
+    mf = decode_mask_file(path.read_bytes(), str(path), max_entries=max_entries)
+    if base is not None and mf.needs_base:
+        mf.decode_with_base(base_state_dict(base), model_fingerprint(base))
+    return mf
 
 
 __all__ = [

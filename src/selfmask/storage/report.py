@@ -79,17 +79,21 @@ def _row(data: bytes, fn: Callable[[bytes], bytes], fp32_reference: int) -> dict
     }
 
 
-def compress_report(mask: MaskFile, finetuned: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def compress_report(
+    mask: MaskFile, finetuned: Mapping[str, torch.Tensor] | None = None, base: Mapping[str, torch.Tensor] | None = None
+) -> dict[str, Any]:
     """Sizes of the mask (packed bits and byte-per-mask) under every compressor, and ours.
 
     ``x_smaller_than_fp32`` compares with the fp32 size of the masked weights
     (``4 * n`` bytes); ours counts the mask file without its extra tensors (a head); ``reduction_percent`` with the uncompressed input of that column.
     With ``finetuned`` (a state dict), its floating-point tensors as fp32 go through the
-    same compressors.
+    same compressors. ``summary`` is ``mask.summary(base)``: the file beside its per-tensor,
+    per-channel and (with the base weights ``base``) weight-conditioned bounds.
     """
     n = mask.numel
     fp32_reference = 4 * n
-    mask_bytes = mask.summary()["mask_bytes"]  # the file without extra tensors: header + payloads
+    summary = mask.summary(base)
+    mask_bytes = summary["mask_bytes"]  # the file without extra tensors: header + payloads
     inputs = {"packed_bits": packed_mask_bytes(mask.masks), "byte_per_mask": byte_mask_bytes(mask.masks)}
     if finetuned is not None:
         inputs["finetuned_fp32"] = fp32_bytes(finetuned)
@@ -113,6 +117,8 @@ def compress_report(mask: MaskFile, finetuned: Mapping[str, torch.Tensor] | None
             "x_smaller_than_fp32": fp32_reference / mask_bytes if mask_bytes else float("inf"),
         },
         "columns": columns,
+        "bounds_bytes": summary["bounds_bytes"],
+        "summary": summary,
     }
 
 
