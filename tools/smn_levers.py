@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -24,13 +23,11 @@ import torch.nn.functional as F
 
 from selfmask.backbones import backbone_info, create_backbone
 from selfmask.data.embedded import DOWNSTREAM_APPEARANCE, DOWNSTREAM_APPEARANCE_V1, build_embedded
-from selfmask.data.multicrop import MultiCrop
 from selfmask.data.render import Appearance
 from selfmask.evaluation.features import extract_features
 from selfmask.evaluation.knn import knn_accuracy
 from selfmask.evaluation.linear_probe import linear_probe
-from selfmask.objectives import SwAVConfig
-from selfmask.training.config import TrainConfig
+from selfmask.experiments.demo import DemoConfig, smn_recipe
 from selfmask.training.ssl import adapt_swav
 
 APPEARANCES = {
@@ -84,15 +81,12 @@ def main() -> None:
            "pretrained": evaluate(create_backbone("resnet_tiny", args.weights), info, bank, val)}
     print("pretrained", res["pretrained"], flush=True)
 
-    epochs = max(1, math.ceil(args.steps / (len(full) // 64)))
-    swav = SwAVConfig(num_prototypes=args.prototypes, queue_length=min(512, len(full) // 2),
-                      queue_start_epoch=max(1, round(0.2 * epochs)), freeze_prototypes_iters=max(1, args.steps // 20),
-                      freeze_backbone_iters=args.warmup)
-    tcfg = TrainConfig(method="mask", objective="swav", epochs=epochs, seed=args.seed, flip=False, bn=args.bn, lr=args.lr)
-    crop_kw = dict(flip_p=0.0, large_scale=tuple(args.large), small_scale=tuple(args.small), small_size=args.small_size)
-    if args.no_color:
-        crop_kw.update(jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
-    crops = MultiCrop.for_input_size(info.input_size, seed=args.seed, mean=info.mean, std=info.std, **crop_kw)
+    recipe = DemoConfig(  # the demo's recipe with this row's levers
+        seed=args.seed, smn_steps=args.steps, smn_head_warmup=args.warmup, smn_prototypes=args.prototypes,
+        smn_lr=args.lr, smn_bn=args.bn, smn_large_crop_scale=tuple(args.large), smn_small_crop_scale=tuple(args.small),
+        smn_small_size=args.small_size, smn_color=not args.no_color,
+    )
+    swav, tcfg, crops = smn_recipe(recipe, info, len(full))
     result = adapt_swav(create_backbone("resnet_tiny", args.weights), info, full, tcfg, swav, crops=crops, progress=False)
     res["loss"] = [round(h["loss"], 4) for h in result.history]
     res["fraction_active"] = result.history[-1].get("fraction_active")

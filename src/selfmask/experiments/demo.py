@@ -97,20 +97,17 @@ def pretrained_checkpoint(cfg: DemoConfig, bench: Any) -> Path:
     return path
 
 
-def train_smn(cfg: DemoConfig, info: Any, ckpt: Path, train: Any) -> tuple[Path, list[dict[str, Any]]]:
-    """The self-masking network: masks trained with SwAV on all downstream images, no labels."""
-    from selfmask.backbones import create_backbone
+def smn_recipe(cfg: DemoConfig, info: Any, num_images: int) -> tuple[Any, Any, Any]:
+    """(SwAVConfig, TrainConfig, MultiCrop) of the demo's self-masking network on ``num_images`` images."""
     from selfmask.data.multicrop import MultiCrop
     from selfmask.objectives import SwAVConfig
     from selfmask.training.config import TrainConfig
-    from selfmask.training.run_folder import RunFolder
-    from selfmask.training.ssl import adapt_swav
 
-    steps_per_epoch = max(1, len(train) // 64)
+    steps_per_epoch = max(1, num_images // 64)
     epochs = max(1, math.ceil(cfg.smn_steps / steps_per_epoch))
     swav = SwAVConfig(
         num_prototypes=cfg.smn_prototypes,
-        queue_length=0 if cfg.quick else min(512, len(train) // 2),
+        queue_length=0 if cfg.quick else min(512, num_images // 2),
         queue_start_epoch=max(1, round(0.2 * epochs)),  # the paper: epoch 30 of 150
         freeze_prototypes_iters=max(1, cfg.smn_steps // 20),
         freeze_backbone_iters=cfg.smn_head_warmup,
@@ -122,6 +119,16 @@ def train_smn(cfg: DemoConfig, info: Any, ckpt: Path, train: Any) -> tuple[Path,
         info.input_size, seed=cfg.seed, mean=info.mean, std=info.std, flip_p=0.0, large_scale=cfg.smn_large_crop_scale,
         small_scale=cfg.smn_small_crop_scale, small_size=cfg.smn_small_size, **colour,
     )
+    return swav, tcfg, crops
+
+
+def train_smn(cfg: DemoConfig, info: Any, ckpt: Path, train: Any) -> tuple[Path, list[dict[str, Any]]]:
+    """The self-masking network: masks trained with SwAV on all downstream images, no labels."""
+    from selfmask.backbones import create_backbone
+    from selfmask.training.run_folder import RunFolder
+    from selfmask.training.ssl import adapt_swav
+
+    swav, tcfg, crops = smn_recipe(cfg, info, len(train))
     run_dir = cfg.out / "runs" / "smn"
     result = adapt_swav(
         create_backbone(cfg.backbone, ckpt), info, train, tcfg, swav, crops=crops,

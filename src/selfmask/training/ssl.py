@@ -8,6 +8,7 @@ progress, metrics and NaN/Ctrl-C handling as the supervised loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -90,9 +91,9 @@ class SwAVModel(nn.Module):
         self.cfg = cfg
 
     def forward(self, crops: list[torch.Tensor], epoch: int, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
-        embeddings = _embed_crops(self.backbone, crops, self.cfg)
-        if iteration < self.objective.cfg.freeze_backbone_iters:  # head warm-up: no gradient reaches the backbone
-            embeddings = [e.detach() for e in embeddings]
+        warmup = iteration < self.objective.cfg.freeze_backbone_iters  # head warm-up: no gradient reaches the backbone
+        with torch.no_grad() if warmup else contextlib.nullcontext():  # so no graph is recorded for it either
+            embeddings = _embed_crops(self.backbone, crops, self.cfg)
         return self.objective(embeddings, epoch=epoch, iteration=iteration)
 
 
