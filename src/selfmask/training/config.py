@@ -7,6 +7,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from selfmask.errors import SelfmaskError
+from selfmask.masking.config import MaskConfig
 
 METHODS = ("mask", "topk", "fft", "linear")
 HEADS = ("linear", "masked-random")
@@ -210,3 +211,24 @@ class TrainConfig:
         if unknown:
             raise SelfmaskError(f"unknown training config keys {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+    def mask_config(self, preset: str | list[str] | tuple[str, ...]) -> MaskConfig | None:
+        """The backbone's :class:`MaskConfig` for this run (``None`` unless method is mask or topk).
+
+        ``preset`` is the backbone's target preset, used when ``mask_targets`` is not set.
+        """
+        if self.method not in ("mask", "topk"):
+            return None
+        return MaskConfig(
+            targets=self.mask_targets or preset,
+            mode="topk" if self.method == "topk" else "threshold",
+            keep_ratio=self.keep_ratio if self.method == "topk" else None,
+            threshold=self.threshold,
+            init_score=self.init_score,
+            bn=self.bn,
+            seed=self.seed,
+        )
+
+    def head_mask_config(self) -> MaskConfig:
+        """The :class:`MaskConfig` of the ``masked-random`` head (the authors' head)."""
+        return MaskConfig(targets=["weight"], threshold=self.threshold, init_score=self.init_score)

@@ -132,6 +132,41 @@ class RunFolder:
             self._handler = None
 
 
+def write_run_config(
+    run: RunFolder,
+    info: Any,
+    train_set: Any,
+    labelled: int,
+    cfg: Any,
+    mcfg: Any,
+    run_meta: dict[str, Any] | None,
+    **extra: Any,
+) -> None:
+    """Write a run's ``config.json`` (backbone, masks, training settings, data; ``extra`` objective keys)."""
+    meta = dict(run_meta or {})
+    run.write_json(
+        "config.json",
+        {
+            "backbone": info.name,
+            "embedding": info.embedding,
+            "weights": meta.pop("weights", None),
+            "seed": cfg.seed,
+            "mask": mcfg.to_dict() if mcfg else None,
+            "train": cfg.to_dict(),
+            "data": {
+                "name": train_set.name,
+                "num_classes": train_set.num_classes,
+                "train_images": len(train_set),
+                "labelled_images": labelled,
+                "resolution": train_set.resolution,
+            },
+            **extra,
+            **meta,
+        },
+    )
+    run.set_status("running", epoch=0, total_epochs=cfg.epochs)
+
+
 def read_run_config(path: str | Path) -> dict[str, Any]:
     """``config.json`` of a run folder, with a clear error when it is missing or invalid."""
     f = Path(path) / "config.json"

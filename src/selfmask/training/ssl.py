@@ -37,7 +37,7 @@ from selfmask.training.distributed import (
 )
 from selfmask.training.identity import with_run_identity
 from selfmask.training.loop import LoopSpec, run_epochs
-from selfmask.training.run_folder import RunFolder
+from selfmask.training.run_folder import RunFolder, write_run_config
 from selfmask.training.schedule import make_scheduler
 from selfmask.training.trainer import (
     TrainResult,
@@ -49,7 +49,6 @@ from selfmask.training.trainer import (
     save_trained,
     speed_setup,
     wrap_for_training,
-    write_run_config,
 )
 
 log = logging.getLogger("selfmask.train")

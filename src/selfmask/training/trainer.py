@@ -37,7 +37,7 @@ from selfmask.training.distributed import (
 )
 from selfmask.training.identity import with_run_identity
 from selfmask.training.loop import LoopSpec, TrainingDiverged, run_epochs
-from selfmask.training.run_folder import RunFolder
+from selfmask.training.run_folder import RunFolder, write_run_config
 from selfmask.training.schedule import make_scheduler
 
 log = logging.getLogger("selfmask.train")
@@ -62,25 +62,11 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def mask_config_for(cfg: TrainConfig, info: BackboneInfo) -> MaskConfig | None:
-    if cfg.method not in ("mask", "topk"):
-        return None
-    return MaskConfig(
-        targets=cfg.mask_targets or info.mask_preset,
-        mode="topk" if cfg.method == "topk" else "threshold",
-        keep_ratio=cfg.keep_ratio if cfg.method == "topk" else None,
-        threshold=cfg.threshold,
-        init_score=cfg.init_score,
-        bn=cfg.bn,
-        seed=cfg.seed,
-    )
-
-
 def prepare_backbone(
     backbone: nn.Module, info: BackboneInfo, cfg: TrainConfig
 ) -> tuple[MaskConfig | None, list[dict[str, Any]]]:
     """Masks (mask/topk), everything trainable (fft) or everything frozen (linear); SGD param groups."""
-    mcfg = mask_config_for(cfg, info)
+    mcfg = cfg.mask_config(info.mask_preset)
     lr, wd = cfg.resolved_lr, cfg.resolved_weight_decay
     groups: list[dict[str, Any]] = []
     if mcfg is not None:
@@ -117,7 +103,7 @@ def prepare_model(
         groups.append({"params": list(head.parameters()), "lr": lr, "weight_decay": wd, "name": "head"})
     elif cfg.head == "masked-random":
         # the authors' head: random frozen weights, masked and trained like the backbone
-        mask_model(head, MaskConfig(targets=["weight"], threshold=cfg.threshold, init_score=cfg.init_score))
+        mask_model(head, cfg.head_mask_config())
         groups.append({"params": list(mask_scores(head).values()), "lr": lr, "weight_decay": 0.0, "name": "head-scores"})
     else:
         groups.append(
@@ -174,40 +160,6 @@ def prepare_input(x: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
 
 def make_optimizer(groups: list[dict[str, Any]], momentum: float) -> torch.optim.SGD:
     return torch.optim.SGD([{k: v for k, v in g.items() if k != "name"} for g in groups], momentum=momentum)
-
-
-def write_run_config(
-    run: RunFolder,
-    info: BackboneInfo,
-    train_set: ImageTensorDataset,
-    labelled: int,
-    cfg: TrainConfig,
-    mcfg: MaskConfig | None,
-    run_meta: dict[str, Any] | None,
-    **extra: Any,
-) -> None:
-    meta = dict(run_meta or {})
-    run.write_json(
-        "config.json",
-        {
-            "backbone": info.name,
-            "embedding": info.embedding,
-            "weights": meta.pop("weights", None),
-            "seed": cfg.seed,
-            "mask": mcfg.to_dict() if mcfg else None,
-            "train": cfg.to_dict(),
-            "data": {
-                "name": train_set.name,
-                "num_classes": train_set.num_classes,
-                "train_images": len(train_set),
-                "labelled_images": labelled,
-                "resolution": train_set.resolution,
-            },
-            **extra,
-            **meta,
-        },
-    )
-    run.set_status("running", epoch=0, total_epochs=cfg.epochs)
 
 
 class RunGuard:
