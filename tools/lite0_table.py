@@ -41,7 +41,9 @@ def main(out: Path) -> int:
         if ev is not None:
             val = max(ev["linear_probe"]["val_accuracy"].values())
             rows.append((f"pretrained, {px} px (probe validation accuracy {val:.3f})", ev))
-    for name, label in (("mask64", "supervised masking, 64 px"), ("smn64", "SMN (SwAV, no labels), 64 px")):
+    for name, label in (("mask64", "supervised masking, 64 px, 3 epochs"),
+                        ("mask64e9", "supervised masking, 64 px, 9 epochs"),
+                        ("smn64", "SMN (SwAV, no labels), 64 px")):
         res = _json(out / name / "results.json")
         if res is not None:
             hist = _epochs(out / name)
