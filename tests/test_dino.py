@@ -47,7 +47,12 @@ def _images(n: int = 4, seed: int = 0) -> torch.Tensor:
 
 def _objective(backbone: torch.nn.Module, total_steps: int = 10, **overrides) -> DINOObjective:
     torch.manual_seed(1)
-    return DINOObjective(backbone, 128, _cfg(**overrides), crops=_crops(), total_steps=total_steps)
+    return DINOObjective(128, _cfg(**overrides), crops=_crops(), total_steps=total_steps, backbone=backbone)
+
+
+def _step(obj: DINOObjective, backbone: torch.nn.Module, images: torch.Tensor, step: int = 0, seed: int = 0):
+    views = obj.views(images, generator=torch.Generator().manual_seed(seed))
+    return obj.step(backbone, views, None, epoch=0, step=step)
 
 
 # ---------------------------------------------------------------- the loss, by hand
@@ -139,10 +144,10 @@ def test_step_updates_the_centre_in_training_mode_only() -> None:
     obj = _objective(_masked())
     g = torch.Generator().manual_seed(0)
     obj.eval()
-    obj.step(_masked(), _images(), None, epoch=0, step=0, generator=g)
+    obj.step(_masked(), obj.views(_images(), generator=g), None, epoch=0, step=0)
     assert torch.count_nonzero(obj.center) == 0
     obj.train()
-    obj.step(_masked(), _images(), None, epoch=0, step=0, generator=g)
+    obj.step(_masked(), obj.views(_images(), generator=g), None, epoch=0, step=0)
     assert torch.count_nonzero(obj.center) > 0
 
 
@@ -152,7 +157,7 @@ def test_step_updates_the_centre_in_training_mode_only() -> None:
 def test_teacher_gets_no_gradient_and_the_student_does() -> None:
     backbone = _masked()
     obj = _objective(backbone)
-    loss, sums = obj.step(backbone, _images(), None, epoch=0, step=0, generator=torch.Generator().manual_seed(0))
+    loss, sums = _step(obj, backbone, _images(), step=0, seed=0)
     loss.backward()
     assert sums["seen"] == 4 and sums["loss"] == pytest.approx(4 * float(loss.detach()))
     assert all(p.grad is None and not p.requires_grad for p in obj.teacher_backbone.parameters())
@@ -168,7 +173,7 @@ def test_teacher_is_an_ema_of_the_student_scores_over_the_same_frozen_weights() 
     opt = torch.optim.SGD([*scores.values(), *obj.head.parameters()], lr=0.5)
     old_t = {k: v.detach().clone() for k, v in mask_scores(obj.teacher_backbone).items()}
     old_head = [p.detach().clone() for p in obj.teacher_head.parameters()]
-    loss, _ = obj.step(backbone, _images(), None, epoch=0, step=3, generator=torch.Generator().manual_seed(0))
+    loss, _ = _step(obj, backbone, _images(), step=3, seed=0)
     loss.backward()
     opt.step()
     obj.after_optimizer_step(backbone, step=3)
@@ -206,13 +211,13 @@ def test_full_fine_tuning_teacher_averages_the_weights() -> None:
 def test_head_warm_up_and_frozen_last_layer_keep_their_gradients_off() -> None:
     backbone = _masked()
     obj = _objective(backbone, freeze_backbone_iters=2, freeze_last_layer_iters=2)
-    loss, _ = obj.step(backbone, _images(), None, epoch=0, step=1, generator=torch.Generator().manual_seed(0))
+    loss, _ = _step(obj, backbone, _images(), step=1, seed=0)
     loss.backward()
     assert all(s.grad is None for s in mask_scores(backbone).values())
     assert obj.head.last_layer.grad is None
     assert obj.head.mlp[0].weight.grad is not None
     obj.zero_grad()
-    loss, _ = obj.step(backbone, _images(), None, epoch=0, step=2, generator=torch.Generator().manual_seed(0))
+    loss, _ = _step(obj, backbone, _images(), step=2, seed=0)
     loss.backward()
     assert obj.head.last_layer.grad is not None
     assert all(s.grad is not None for s in mask_scores(backbone).values())
@@ -223,7 +228,7 @@ def test_head_last_layer_rows_are_unit_vectors() -> None:
     with torch.no_grad():
         head.last_layer.mul_(7.0)  # the norm of a row does not matter
     out = head(torch.randn(3, 10))
-    assert out.shape == (3, 20) and float(out.abs().max()) <= 1.0 + 1e-6
+    assert out.shape == (3, 20) and float(out.detach().abs().max()) <= 1.0 + 1e-6
 
 
 # ---------------------------------------------------------------- protocol, checkpoints
@@ -246,7 +251,7 @@ def test_state_dict_round_trip_gives_the_same_next_loss() -> None:
     opt = torch.optim.SGD([*mask_scores(backbone).values(), *obj.head.parameters()], lr=0.5)
     g = torch.Generator().manual_seed(0)
     for step in range(2):
-        loss, _ = obj.step(backbone, _images(seed=step), None, epoch=0, step=step, generator=g)
+        loss, _ = obj.step(backbone, obj.views(_images(seed=step), generator=g), None, epoch=0, step=step)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -256,11 +261,32 @@ def test_state_dict_round_trip_gives_the_same_next_loss() -> None:
 
     backbone2 = _masked()
     backbone2.load_state_dict(b_state)
-    obj2 = DINOObjective(backbone2, 128, obj.cfg, crops=_crops(), total_steps=10)
+    obj2 = DINOObjective(128, obj.cfg, crops=_crops(), total_steps=10)  # teacher made at its first step
+    assert obj2.teacher_backbone is None
     obj2.load_state_dict(state)
-    a, _ = obj.step(backbone, _images(seed=9), None, epoch=0, step=2, generator=torch.Generator().manual_seed(5))
-    b, _ = obj2.step(backbone2, _images(seed=9), None, epoch=0, step=2, generator=torch.Generator().manual_seed(5))
+    a, _ = _step(obj, backbone, _images(seed=9), step=2, seed=5)
+    b, _ = _step(obj2, backbone2, _images(seed=9), step=2, seed=5)
     assert torch.equal(a, b)
+    for (ka, va), (kb, vb) in zip(obj.state_dict().items(), obj2.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+
+
+class _Inner(torch.nn.Module):  # a wrapper like the engine's channels-last view
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)
+
+
+def test_teacher_made_at_the_first_step_copies_the_wrapped_student() -> None:
+    backbone = _masked()
+    obj = DINOObjective(128, _cfg(), crops=_crops(), total_steps=10)
+    loss, _ = _step(obj, _Inner(backbone), _images())
+    assert obj.teacher_backbone is not None
+    assert obj.teacher_backbone.state_dict().keys() == backbone.state_dict().keys()
+    assert obj.teacher_backbone is not backbone and all(not p.requires_grad for p in obj.teacher_backbone.parameters())
 
 
 # ---------------------------------------------------------------- bad input
@@ -297,6 +323,6 @@ def test_config_round_trips_and_refuses_unknown_keys() -> None:
 def test_objective_refuses_crops_without_two_views_and_bad_step_counts() -> None:
     one_view = MultiCrop.for_input_size(32, n_small=0, n_large=1)
     with pytest.raises(SelfmaskError, match="at least 2 views"):
-        DINOObjective(_masked(), 128, _cfg(), crops=one_view, total_steps=5)
+        DINOObjective(128, _cfg(), crops=one_view, total_steps=5)
     with pytest.raises(SelfmaskError, match="total_steps must be an integer >= 1"):
-        DINOObjective(_masked(), 128, _cfg(), crops=_crops(), total_steps=0)
+        DINOObjective(128, _cfg(), crops=_crops(), total_steps=0)

@@ -78,7 +78,7 @@ def train(args: argparse.Namespace) -> None:
     backbone = create_backbone("resnet_tiny", args.weights)
     torch.manual_seed(tcfg.seed)
     mcfg, groups = prepare_backbone(backbone, info, tcfg)
-    objective = DINOObjective(backbone, info.embed_dim, dcfg, crops=crops, total_steps=total)
+    objective = DINOObjective(info.embed_dim, dcfg, crops=crops, total_steps=total, backbone=backbone)
     speed_setup(backbone, tcfg)
     opt = make_optimizer(groups + objective.param_groups(tcfg.resolved_lr), tcfg.momentum)
     sched = make_scheduler(opt, total, round(tcfg.warmup_epochs * steps_per_epoch))
@@ -87,7 +87,8 @@ def train(args: argparse.Namespace) -> None:
 
     def step_fn(idx: torch.Tensor, epoch: int, step: int):  # noqa: ANN202
         current["step"] = step
-        return objective.step(backbone, full.images[idx], None, epoch=epoch, step=step, generator=gen)
+        views = objective.views(full.images[idx], generator=gen)
+        return objective.step(backbone, views, None, epoch=epoch, step=step)
 
     def set_mode() -> None:
         backbone.train()

@@ -34,8 +34,8 @@ Pieces, each usable alone:
 Example::
 
     crops = MultiCrop.for_input_size(32, mean=info.mean, std=info.std)
-    obj = DINOObjective(backbone, info.embed_dim, DINOConfig(out_dim=256), crops=crops, total_steps=552)
-    loss, sums = obj.step(backbone, images, None, epoch=0, step=0, generator=g)
+    obj = DINOObjective(info.embed_dim, DINOConfig(out_dim=256), crops=crops, total_steps=552, backbone=backbone)
+    loss, sums = obj.step(backbone, obj.views(images, generator=g), None, epoch=0, step=0)
     loss.backward(); opt.step(); obj.after_optimizer_step(backbone, step=0)
 
 Differences from facebookresearch/dino, written down: the teacher-temperature warm-up and the
@@ -235,17 +235,17 @@ class DINOHead(nn.Module):
         return z @ (w.detach() if freeze_last_layer else w).t()
 
 
-def _embed_views(backbone: nn.Module, views: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Backbone embeddings of every view, one forward pass per run of equal resolutions, concatenated."""
+def embed_crops(backbone: nn.Module, crops: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Backbone embeddings (float32) of every view, one forward pass per run of equal resolutions."""
     out: list[torch.Tensor] = []
     i = 0
-    while i < len(views):
+    while i < len(crops):
         j = i
-        while j < len(views) and views[j].shape[-2:] == views[i].shape[-2:]:
+        while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
             j += 1
-        out.append(backbone(torch.cat(list(views[i:j]))).float())
+        out.extend(backbone(torch.cat(crops[i:j])).float().split(crops[i].shape[0]))
         i = j
-    return torch.cat(out)
+    return out
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -255,6 +255,8 @@ def _unwrap(module: nn.Module) -> nn.Module:
             module = module.module
         elif isinstance(getattr(module, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
             module = module._orig_mod
+        elif [name for name, _ in module.named_children()] == ["inner"]:  # the engine's channels-last view
+            module = module.inner
         else:
             return module
 
@@ -263,14 +265,15 @@ class DINOObjective(nn.Module):
     """DINO for the training engine: student head, momentum teacher, centre and loss.
 
     Args:
-        backbone: the student backbone, already masked (mask/topk) or made trainable (fft);
-            the teacher backbone is a deep copy of it made here, so build the objective after
-            the masks and before the training starts.
         embed_dim: the backbone's embedding size.
         cfg: the recipe.
         crops: a :class:`~selfmask.data.multicrop.MultiCrop`: its large crops go to the teacher
             and to the student, its small crops to the student only.
         total_steps: optimiser steps of the whole run (the momentum schedule ends there).
+        backbone: the student backbone, already masked (mask/topk) or made trainable (fft): the
+            teacher backbone is a deep copy of it (:meth:`attach_teacher`). ``None``: the copy is
+            made at the first :meth:`step`, from the backbone the engine passes (so an engine may
+            build objectives before it attaches the masks).
         all_reduce: sums the centre's batch mean over processes (default: ``torch.distributed``
             when initialised with more than one process; tests inject their own).
     """
@@ -280,12 +283,12 @@ class DINOObjective(nn.Module):
 
     def __init__(
         self,
-        backbone: nn.Module,
         embed_dim: int,
         cfg: DINOConfig | None = None,
         *,
         crops: Callable[..., list[torch.Tensor]],
         total_steps: int,
+        backbone: nn.Module | None = None,
         all_reduce: AllReduce | None = None,
     ) -> None:
         super().__init__()
@@ -304,15 +307,46 @@ class DINOObjective(nn.Module):
         self.n_large = int(n_large)
         self.total_steps = total_steps
         self.all_reduce = all_reduce
+        # parameters left out of some steps' graphs (frozen last layer, head warm-up): DDP must look for them
+        self.find_unused_parameters = self.cfg.freeze_last_layer_iters > 0 or self.cfg.freeze_backbone_iters > 0
         c = self.cfg
         self.head = DINOHead(embed_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.num_layers)
-        self.teacher_backbone = copy.deepcopy(_unwrap(backbone))
         self.teacher_head = copy.deepcopy(self.head)
-        for p in (*self.teacher_backbone.parameters(), *self.teacher_head.parameters()):
+        for p in self.teacher_head.parameters():
             p.requires_grad_(False)
-        # which teacher parameters follow the student by EMA: those the student trains
-        self._ema_names = [n for n, p in _unwrap(backbone).named_parameters() if p.requires_grad]
         self.register_buffer("center", torch.zeros(1, c.out_dim))
+        self.teacher_backbone: nn.Module | None = None
+        self._ema_names: list[str] = []
+        self._pending_teacher: dict[str, torch.Tensor] | None = None
+        if backbone is not None:
+            self.attach_teacher(backbone)
+
+    @torch.no_grad()
+    def attach_teacher(self, backbone: nn.Module) -> None:
+        """Make the teacher backbone: a frozen deep copy of the (masked or trainable) student ``backbone``.
+
+        Called by the constructor when it is given the backbone, else at the first :meth:`step`
+        (the student is then still as it starts). A teacher state restored by
+        :meth:`load_state_dict` before that is applied here.
+        """
+        student = _unwrap(backbone)
+        teacher = copy.deepcopy(student)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        self.teacher_backbone = teacher
+        # which teacher parameters follow the student by EMA: those the student trains
+        self._ema_names = [n for n, p in student.named_parameters() if p.requires_grad]
+        if self._pending_teacher is not None:
+            teacher.load_state_dict(self._pending_teacher)
+            self._pending_teacher = None
+
+    def load_state_dict(self, state_dict: Any, strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; a teacher state arriving before the teacher exists waits for it."""
+        prefix = "teacher_backbone."
+        if self.teacher_backbone is None and any(k.startswith(prefix) for k in state_dict):
+            self._pending_teacher = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # -- the Objective protocol --------------------------------------------------------------
 
@@ -321,28 +355,38 @@ class DINOObjective(nn.Module):
         return [{"params": list(self.head.parameters()), "lr": self.cfg.head_lr,
                  "weight_decay": self.cfg.head_weight_decay, "name": "dino-head"}]
 
+    def views(self, images: torch.Tensor, *, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+        """The multi-crop views of a uint8 batch (large ones first); float images in [0, 1] are rounded to uint8."""
+        if images.dtype != torch.uint8:
+            images = (images.float() * 255.0).round().clamp_(0, 255).to(torch.uint8)
+        return self.crops(images, generator=generator)
+
     def step(
         self,
         backbone: nn.Module,
-        images: torch.Tensor,
+        views: Sequence[torch.Tensor],
         labels: torch.Tensor | None = None,
         *,
         epoch: int = 0,
         step: int = 0,
-        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one batch; ``images`` uint8 (B, 3, H, W), or float in [0, 1] (then rounded to uint8)."""
-        if images.dtype != torch.uint8:
-            images = (images.float() * 255.0).round().clamp_(0, 255).to(torch.uint8)
-        views = self.crops(images, generator=generator)
-        batch = images.shape[0]
+        """Loss of one batch of :meth:`views`: the student sees every view, the teacher the large ones."""
+        if not isinstance(views, (list, tuple)) or len(views) < max(2, self.n_large):
+            n = len(views) if isinstance(views, (list, tuple)) else type(views).__name__
+            raise SelfmaskError(f"DINOObjective.step: expected the list of {self.crops.config.n_crops} views of views(), got {n}")
+        if self.teacher_backbone is None:
+            self.attach_teacher(backbone)
+        assert self.teacher_backbone is not None
+        batch = views[0].shape[0]
         warmup = step < self.cfg.freeze_backbone_iters  # head warm-up: no gradient reaches the backbone
         with torch.no_grad() if warmup else contextlib.nullcontext():
-            embeddings = _embed_views(backbone, views)
+            embeddings = torch.cat(embed_crops(backbone, list(views)))
         student = self.head(embeddings, freeze_last_layer=step < self.cfg.freeze_last_layer_iters)
         with torch.no_grad():
-            self._follow_modes(backbone)
-            teacher = self.teacher_head(_embed_views(self.teacher_backbone, views[: self.n_large]))
+            # the teacher runs in the student's mode; BatchNorms a bn="eval" policy keeps in evaluation
+            # mode stay there through the same hooks, copied with the backbone
+            self.teacher_backbone.train(backbone.training)
+            teacher = self.teacher_head(torch.cat(embed_crops(self.teacher_backbone, list(views[: self.n_large]))))
         temp = teacher_temperature(self.cfg, step)
         probs = teacher_probabilities(teacher, self.center, temp)
         loss = dino_loss(student.split(batch), probs.split(batch), self.cfg.student_temperature)
@@ -356,6 +400,8 @@ class DINOObjective(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self, backbone: nn.Module, *, step: int) -> None:
         """EMA of the student into the teacher, then the student's buffers copied (module docstring)."""
+        if self.teacher_backbone is None:  # no step yet: the teacher is still the student
+            return
         m = teacher_momentum(self.cfg, step, self.total_steps)
         student = _unwrap(backbone)
         s_params = dict(student.named_parameters())
@@ -373,6 +419,9 @@ class DINOObjective(nn.Module):
         """``loss``, ``teacher_entropy`` (nats; ln K: uniform teacher, 0: one-hot) and ``teacher_temperature``, epoch means."""
         seen = max(sums.get("seen", 0.0), 1.0)
         return {k: sums[k] / seen for k in ("loss", "teacher_entropy", "teacher_temperature") if k in sums}
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        return {"objective": self}  # heads, teacher and centre
 
     def extra_state(self) -> dict[str, torch.Tensor]:
         return {}  # the centre is a buffer and the teacher a submodule: both are in state_dict()
@@ -392,11 +441,6 @@ class DINOObjective(nn.Module):
             total, count = reduce(total, "sum"), reduce(count, "sum")
         m = self.cfg.center_momentum
         self.center.mul_(m).add_(total / count, alpha=1.0 - m)
-
-    def _follow_modes(self, backbone: nn.Module) -> None:
-        """Put every teacher module in its student counterpart's training mode."""
-        for t, s in zip(self.teacher_backbone.modules(), _unwrap(backbone).modules()):
-            t.training = s.training
 
 
 __all__ = [
