@@ -223,6 +223,11 @@ def test_head_warm_up_and_frozen_last_layer_keep_their_gradients_off() -> None:
     assert all(s.grad is not None for s in mask_scores(backbone).values())
 
 
+def test_head_batchnorm_sits_after_each_hidden_linear() -> None:
+    kinds = [type(m).__name__ for m in DINOHead(10, 20, 8, 4, num_layers=3, batchnorm=True).mlp]
+    assert kinds == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
+
+
 def test_head_last_layer_rows_are_unit_vectors() -> None:
     head = DINOHead(10, 20, hidden_dim=8, bottleneck_dim=4, num_layers=2)
     with torch.no_grad():
@@ -304,6 +309,7 @@ def test_teacher_made_at_the_first_step_copies_the_wrapped_student() -> None:
         ("freeze_last_layer_iters", -1, "an integer >= 0"),
         ("head_weight_decay", -1e-4, "a finite number >= 0"),
         ("hidden_dim", 0, "an integer >= 1"),
+        ("head_batchnorm", "yes", "true or false"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_field(field: str, value: object, expected: str) -> None:

@@ -67,7 +67,7 @@ def train(args: argparse.Namespace) -> None:
     dcfg = DINOConfig(
         out_dim=args.out_dim, hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim,
         teacher_temperature=args.teacher_temperature, warmup_teacher_temperature=args.teacher_temperature,
-        teacher_momentum=args.teacher_momentum, head_lr=args.head_lr,
+        teacher_momentum=args.teacher_momentum, head_lr=args.head_lr, head_batchnorm=args.head_batchnorm,
         freeze_last_layer_iters=max(1, args.steps // 20),  # as the SwAV SMN's prototypes
         freeze_backbone_iters=args.warmup,
     )
@@ -168,6 +168,7 @@ def main() -> None:
     t.add_argument("--teacher-temperature", type=float, default=0.04)
     t.add_argument("--teacher-momentum", type=float, default=0.996)
     t.add_argument("--head-lr", type=float, default=0.03)
+    t.add_argument("--head-batchnorm", action="store_true", help="BatchNorm in the head (DINO's use_bn_in_head)")
     t.add_argument("--pretrained-too", action="store_true", help="also the pretrained backbone's validation k-NN")
     t.add_argument("--out", type=Path, required=True)
     t.set_defaults(func=train)

@@ -69,6 +69,9 @@ class DINOConfig:
         hidden_dim: width of the head's hidden layers (DINO: 2048; 256 here).
         bottleneck_dim: size of the L2-normalised bottleneck before the last layer (DINO: 256; 64 here).
         num_layers: Linear layers of the MLP before the bottleneck normalisation (3, GELU between).
+        head_batchnorm: BatchNorm1d after each hidden Linear of the head (DINO's ``use_bn_in_head``;
+            False). It takes the batch's common component out of the embeddings, which on
+            pretrained features that all look alike keeps the teacher from collapsing to uniform.
         student_temperature: softmax temperature of the student (0.1).
         teacher_temperature: softmax temperature of the teacher after the warm-up (0.04; DINO
             recommends up to 0.07 with a warm-up when training is unstable).
@@ -92,6 +95,7 @@ class DINOConfig:
     hidden_dim: int = 256
     bottleneck_dim: int = 64
     num_layers: int = 3
+    head_batchnorm: bool = False
     student_temperature: float = 0.1
     teacher_temperature: float = 0.04
     warmup_teacher_temperature: float = 0.04
@@ -127,6 +131,8 @@ class DINOConfig:
         for name in ("center_momentum", "teacher_momentum", "final_teacher_momentum"):
             if not is_real(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
                 raise bad(name, "a number in [0, 1]")
+        if not isinstance(self.head_batchnorm, bool):
+            raise bad("head_batchnorm", "true or false")
         for name in ("warmup_teacher_temperature_iters", "freeze_last_layer_iters", "freeze_backbone_iters"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise bad(name, "an integer >= 0")
@@ -201,6 +207,8 @@ def dino_loss(
 class DINOHead(nn.Module):
     """DINO's projection head: ``num_layers`` Linear layers (GELU between) -> L2 norm -> last layer.
 
+    ``batchnorm=True`` puts a BatchNorm1d after each hidden Linear (DINO's ``use_bn_in_head``).
+
     The last layer is bias-free and weight-normalised with its gain fixed at 1 (DINO's
     ``norm_last_layer=True``): its rows are unit vectors, so its outputs are cosine
     similarities between the normalised bottleneck and ``out_dim`` learnt directions.
@@ -208,7 +216,7 @@ class DINOHead(nn.Module):
     """
 
     def __init__(self, input_dim: int, out_dim: int, hidden_dim: int = 256, bottleneck_dim: int = 64,
-                 num_layers: int = 3) -> None:
+                 num_layers: int = 3, batchnorm: bool = False) -> None:
         super().__init__()
         if min(input_dim, out_dim, hidden_dim, bottleneck_dim, num_layers) < 1:
             raise SelfmaskError(
@@ -220,6 +228,8 @@ class DINOHead(nn.Module):
         for i in range(num_layers):
             layers.append(nn.Linear(dims[i], dims[i + 1]))
             if i < num_layers - 1:
+                if batchnorm:
+                    layers.append(nn.BatchNorm1d(dims[i + 1]))
                 layers.append(nn.GELU())
         self.mlp = nn.Sequential(*layers)
         for m in self.mlp:
@@ -310,7 +320,7 @@ class DINOObjective(nn.Module):
         # parameters left out of some steps' graphs (frozen last layer, head warm-up): DDP must look for them
         self.find_unused_parameters = self.cfg.freeze_last_layer_iters > 0 or self.cfg.freeze_backbone_iters > 0
         c = self.cfg
-        self.head = DINOHead(embed_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.num_layers)
+        self.head = DINOHead(embed_dim, c.out_dim, c.hidden_dim, c.bottleneck_dim, c.num_layers, c.head_batchnorm)
         self.teacher_head = copy.deepcopy(self.head)
         for p in self.teacher_head.parameters():
             p.requires_grad_(False)
