@@ -332,3 +332,69 @@ def test_objective_refuses_crops_without_two_views_and_bad_step_counts() -> None
         DINOObjective(128, _cfg(), crops=one_view, total_steps=5)
     with pytest.raises(SelfmaskError, match="total_steps must be an integer >= 1"):
         DINOObjective(128, _cfg(), crops=_crops(), total_steps=0)
+
+
+# ---------------------------------------------------------------- through the engine
+
+
+class _Killed(Exception):
+    pass
+
+
+def _adapt_dino(run, resume: bool = False):  # noqa: ANN001, ANN202
+    from conftest import make_stripes
+
+    from selfmask.backbones import backbone_info
+    from selfmask.training.config import TrainConfig
+    from selfmask.training.ssl import adapt_ssl
+
+    cfg = TrainConfig(method="mask", objective="dino", epochs=2, batch_size=16, lr=5.0, bn="eval", seed=3,
+                      checkpoint_every=1, flip=False)
+    settings = _cfg(freeze_backbone_iters=1, freeze_last_layer_iters=1, head_batchnorm=True)
+    torch.manual_seed(0)  # the random backbone
+    return adapt_ssl(create_backbone("resnet_tiny"), backbone_info("resnet_tiny"), make_stripes(48, seed=0), cfg,
+                     settings, crops=_crops(), run=run, resume=resume, progress=False)
+
+
+def test_dino_trains_masks_through_the_engine_and_resumes_bit_identically(tmp_path, monkeypatch) -> None:
+    import json
+
+    from selfmask.training import loop
+    from selfmask.training.run_folder import RunFolder
+
+    ref = _adapt_dino(RunFolder(tmp_path / "ref").prepare())
+    scores = mask_scores(ref.backbone)
+    assert any(bool((s != 1.0).any()) for s in scores.values())  # the masks trained
+    assert [h["epoch"] for h in ref.history] == [1, 2] and all("teacher_entropy" in h for h in ref.history)
+    config = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert config["train"]["objective"] == "dino" and config["dino"]["head_batchnorm"] is True
+    assert (tmp_path / "ref" / "scores.safetensors").is_file()
+
+    real_save = loop.save_checkpoint
+
+    def save_then_die(path, spec, epoch, batch, step, *a, **k):  # noqa: ANN001, ANN202
+        real_save(path, spec, epoch, batch, step, *a, **k)
+        if step == 4:  # mid-epoch 2 (3 steps per epoch), after the head warm-up
+            raise _Killed
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_die)
+    with pytest.raises(_Killed):
+        _adapt_dino(RunFolder(tmp_path / "cut").prepare())
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+    resumed = _adapt_dino(RunFolder(tmp_path / "cut"), resume=True)
+    for name, s in mask_scores(resumed.backbone).items():
+        assert torch.equal(s, scores[name]), name
+    drop = ("seconds", "images_per_second")
+    assert [{k: v for k, v in h.items() if k not in drop} for h in resumed.history] == [
+        {k: v for k, v in h.items() if k not in drop} for h in ref.history
+    ]
+
+
+def test_dino_is_a_registered_objective_of_the_run_configuration() -> None:
+    from selfmask.objectives.registry import objective_names
+    from selfmask.training.config import TrainConfig
+
+    assert "dino" in objective_names()
+    assert TrainConfig(method="mask", objective="dino").objective == "dino"
+    with pytest.raises(SelfmaskError, match="objective 'dino' trains masks or weights; method 'linear'"):
+        TrainConfig(method="linear", objective="dino")

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfmask.errors import SelfmaskError
+from selfmask.objectives.base import embed_crops
 from selfmask.objectives.sinkhorn import AllReduce, resolve_all_reduce
 
 
@@ -243,19 +244,6 @@ class DINOHead(nn.Module):
         z = F.normalize(self.mlp(x), dim=-1)
         w = F.normalize(self.last_layer, dim=1)
         return z @ (w.detach() if freeze_last_layer else w).t()
-
-
-def embed_crops(backbone: nn.Module, crops: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Backbone embeddings (float32) of every view, one forward pass per run of equal resolutions."""
-    out: list[torch.Tensor] = []
-    i = 0
-    while i < len(crops):
-        j = i
-        while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
-            j += 1
-        out.extend(backbone(torch.cat(crops[i:j])).float().split(crops[i].shape[0]))
-        i = j
-    return out
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
@@ -453,10 +441,32 @@ class DINOObjective(nn.Module):
         self.center.mul_(m).add_(total / count, alpha=1.0 - m)
 
 
+def build_dino(inputs: Any) -> DINOObjective:
+    """The registry's factory (``selfmask.objectives.registry.ObjectiveInputs`` in, objective out).
+
+    ``inputs.settings``: a :class:`DINOConfig`, its ``to_dict()`` form, or ``None`` (the defaults);
+    ``inputs.crops``: the multi-crop views (``None``: the paper's 2 large + 6 small at the data's
+    size). The momentum schedule spans the run's optimiser steps; the teacher backbone is copied
+    from the student at the first step (the engine attaches the masks after building objectives).
+    """
+    from selfmask.objectives.registry import default_crops
+    from selfmask.training.loop import steps_per_epoch
+
+    settings = inputs.settings if inputs.settings is not None else DINOConfig()
+    if isinstance(settings, dict):
+        settings = DINOConfig.from_dict(settings)
+    if not isinstance(settings, DINOConfig):
+        raise SelfmaskError(f"objective 'dino': settings must be a DINOConfig or a dict, got {type(settings).__name__}")
+    cfg = inputs.cfg
+    total = steps_per_epoch(len(inputs.train_set), cfg.batch_size) * cfg.epochs
+    return DINOObjective(inputs.info.embed_dim, settings, crops=inputs.crops or default_crops(inputs), total_steps=total)
+
+
 __all__ = [
     "DINOConfig",
     "DINOHead",
     "DINOObjective",
+    "build_dino",
     "dino_loss",
     "teacher_momentum",
     "teacher_probabilities",

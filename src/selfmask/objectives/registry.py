@@ -99,8 +99,15 @@ def default_crops(inputs: ObjectiveInputs) -> Any:
     return MultiCrop.for_input_size(inputs.train_set.resolution, seed=inputs.cfg.seed, mean=info.mean, std=info.std)
 
 
+def _dino(inputs: ObjectiveInputs) -> Objective:
+    from selfmask.objectives.dino import build_dino
+
+    return build_dino(inputs)
+
+
 register_objective("supervised")(_supervised)
 register_objective("swav")(_swav)
+register_objective("dino")(_dino)
 
 
 __all__ = [

@@ -11,7 +11,7 @@ from selfmask.masking.config import MaskConfig
 
 METHODS = ("mask", "topk", "fft", "linear")
 HEADS = ("linear", "masked-random")
-OBJECTIVES = ("supervised", "swav")
+OBJECTIVES = ("supervised", "swav", "dino")
 PRECISIONS = ("fp32", "bf16")
 
 #: The paper's optimiser settings per method (METHOD.md sections 1 and 3): used when a
@@ -50,7 +50,7 @@ class TrainConfig:
         method: ``mask`` (supervised masking: scores + a new head), ``topk`` (top-k
             mask baseline, edge-popup style), ``fft`` (full fine-tuning), ``linear``
             (a linear head on the frozen backbone, trained with SGD).
-        objective: ``supervised`` (cross-entropy on labels) or ``swav`` (no labels).
+        objective: ``supervised`` (cross-entropy on labels), ``swav`` or ``dino`` (no labels).
         epochs: passes over the training set.
         batch_size: images per step (the paper: 64).
         lr: learning rate of the adapted parameters (scores for mask/topk, all
@@ -94,7 +94,7 @@ class TrainConfig:
     """
 
     method: Literal["mask", "topk", "fft", "linear"] = "mask"
-    objective: Literal["supervised", "swav"] = "supervised"
+    objective: Literal["supervised", "swav", "dino"] = "supervised"
     epochs: int = 10
     batch_size: int = 64
     lr: float | None = None
@@ -163,8 +163,8 @@ class TrainConfig:
             raise SelfmaskError(
                 f"sync_bn needs a CUDA device (PyTorch's SyncBatchNorm runs on GPUs only), got device {self.device!r}"
             )
-        if self.objective == "swav" and self.method not in ("mask", "topk", "fft"):
-            raise SelfmaskError(f"objective 'swav' trains masks or weights; method {self.method!r} has nothing to train")
+        if self.objective != "supervised" and self.method not in ("mask", "topk", "fft"):
+            raise SelfmaskError(f"objective {self.objective!r} trains masks or weights; method {self.method!r} has nothing to train")
 
     def _check_types(self) -> None:
         """Every field has its type (a config file's ``"seed": "0"`` or ``"augment": "no"`` is refused) and range."""
