@@ -15,9 +15,9 @@ test split, k = 200, T = 0.1, as docs/lowshot.md's "SMN k-NN" at 100 %)::
 (``~/.cache/selfmask/pretrained-resnet_tiny-seed0-e6.safetensors``). Everything but the
 objective is the SwAV SMN's recipe (``selfmask.experiments.demo.smn_recipe``: 552 steps of
 which 138 head warm-up, score lr 1, BatchNorm frozen, mild crops without colour, the same
-``TrainConfig`` and ``MultiCrop``), driven by the same step/epoch engine
-(``selfmask.training.loop.run_epochs``) with the objective's ``step`` and
-``after_optimizer_step`` as the engine of issue 13 calls them.
+``TrainConfig`` and ``MultiCrop``) with ``objective="dino"``, trained by the engine
+(``selfmask.training.ssl.adapt_ssl``), which writes a run folder (config.json, metrics.jsonl,
+scores) into ``--out``.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import argparse
 import json
 import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,12 +40,9 @@ from selfmask.evaluation.features import extract_features  # noqa: E402
 from selfmask.evaluation.knn import knn_accuracy  # noqa: E402
 from selfmask.experiments.demo import DemoConfig, smn_recipe  # noqa: E402
 from selfmask.masking import mask_summary  # noqa: E402
-from selfmask.objectives.dino import DINOConfig, DINOObjective  # noqa: E402
-from selfmask.training.distributed import SINGLE, rank_seed  # noqa: E402
-from selfmask.training.loop import LoopSpec, run_epochs  # noqa: E402
+from selfmask.objectives.dino import DINOConfig  # noqa: E402
 from selfmask.training.run_folder import RunFolder, load_scores_and_buffers  # noqa: E402
-from selfmask.training.schedule import make_scheduler  # noqa: E402
-from selfmask.training.trainer import TrainResult, make_optimizer, prepare_backbone, save_trained, speed_setup  # noqa: E402
+from selfmask.training.ssl import adapt_ssl  # noqa: E402
 
 
 def validation_split(train):  # noqa: ANN001, ANN201
@@ -71,44 +69,12 @@ def train(args: argparse.Namespace) -> None:
         freeze_last_layer_iters=max(1, args.steps // 20),  # as the SwAV SMN's prototypes
         freeze_backbone_iters=args.warmup,
     )
-    bs = min(tcfg.batch_size, len(full))
-    steps_per_epoch = max(1, len(full) // bs)
-    total = steps_per_epoch * tcfg.epochs
-
-    backbone = create_backbone("resnet_tiny", args.weights)
-    torch.manual_seed(tcfg.seed)
-    mcfg, groups = prepare_backbone(backbone, info, tcfg)
-    objective = DINOObjective(info.embed_dim, dcfg, crops=crops, total_steps=total, backbone=backbone)
-    speed_setup(backbone, tcfg)
-    opt = make_optimizer(groups + objective.param_groups(tcfg.resolved_lr), tcfg.momentum)
-    sched = make_scheduler(opt, total, round(tcfg.warmup_epochs * steps_per_epoch))
-    gen = torch.Generator().manual_seed(rank_seed(tcfg.seed, SINGLE))
-    current = {"step": 0}
-
-    def step_fn(idx: torch.Tensor, epoch: int, step: int):  # noqa: ANN202
-        current["step"] = step
-        views = objective.views(full.images[idx], generator=gen)
-        return objective.step(backbone, views, None, epoch=epoch, step=step)
-
-    def set_mode() -> None:
-        backbone.train()
-        objective.train()
-
-    def epoch_row(sums: dict[str, float]) -> dict:
-        row = objective.epoch_metrics(sums)
-        row["fraction_active"] = mask_summary(backbone).fraction_active
-        print(row, flush=True)
-        return row
-
-    spec = LoopSpec(
-        num_items=len(full), batch_size=tcfg.batch_size, epochs=tcfg.epochs, seed=tcfg.seed, optimizer=opt,
-        scheduler=sched, generator=gen, modules={"backbone": backbone, "objective": objective},
-        set_train_mode=set_mode, epoch_row=epoch_row,
-        after_step=lambda: objective.after_optimizer_step(backbone, step=current["step"]), progress=False,
-    )
-    history, steps = run_epochs(spec, step_fn)
+    tcfg = replace(tcfg, objective="dino")
     run = RunFolder(args.out, overwrite=True).prepare()
-    save_trained(TrainResult(backbone, None, tcfg, mcfg, history), run)
+    result = adapt_ssl(create_backbone("resnet_tiny", args.weights), info, full, tcfg, dcfg, crops=crops, run=run,
+                       run_meta={"weights": str(args.weights)}, progress=False,
+                       on_epoch=lambda row: print({k: row[k] for k in row if k not in ("seconds", "lr")}, flush=True))
+    backbone, history, steps = result.backbone, result.history, result.history[-1]["step"]
     bank, val = validation_split(full)
     res = {
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "func"},
