@@ -398,3 +398,22 @@ def test_dino_is_a_registered_objective_of_the_run_configuration() -> None:
     assert TrainConfig(method="mask", objective="dino").objective == "dino"
     with pytest.raises(SelfmaskError, match="objective 'dino' trains masks or weights; method 'linear'"):
         TrainConfig(method="linear", objective="dino")
+
+
+def test_dino_pretrains_all_weights_through_the_engine() -> None:
+    """``method="fft"``: DINO pretraining of a random backbone (the teacher averages the weights)."""
+    from conftest import make_stripes
+
+    from selfmask.backbones import backbone_info
+    from selfmask.training.config import TrainConfig
+    from selfmask.training.ssl import adapt_ssl
+
+    torch.manual_seed(0)
+    backbone = create_backbone("resnet_tiny")
+    before = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    cfg = TrainConfig(method="fft", objective="dino", epochs=1, batch_size=16, lr=0.05, weight_decay=1e-4, flip=False)
+    result = adapt_ssl(backbone, backbone_info("resnet_tiny"), make_stripes(32, seed=0), cfg,
+                       _cfg(head_batchnorm=True), crops=_crops(), progress=False)
+    assert math.isfinite(result.history[-1]["loss"]) and result.history[-1]["step"] == 2
+    after = result.backbone.state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.endswith("conv1.weight"))
