@@ -346,6 +346,12 @@ class DINOObjective(nn.Module):
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.teacher_backbone is None and self._pending_teacher is not None:  # restored, not yet attached
+            for k, v in self._pending_teacher.items():
+                destination[f"{prefix}teacher_backbone.{k}"] = v
+
     # -- the Objective protocol --------------------------------------------------------------
 
     def param_groups(self, lr: float = 0.0) -> list[dict[str, Any]]:
