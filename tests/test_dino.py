@@ -349,7 +349,7 @@ def _adapt_dino(run, resume: bool = False):  # noqa: ANN001, ANN202
     from selfmask.training.config import TrainConfig
     from selfmask.training.ssl import adapt_ssl
 
-    cfg = TrainConfig(method="mask", objective="dino", epochs=2, batch_size=16, lr=5.0, bn="eval", seed=3,
+    cfg = TrainConfig(method="mask", objective="dino", epochs=2, batch_size=16, lr=5.0, seed=3,
                       checkpoint_every=1, flip=False)
     settings = _cfg(freeze_backbone_iters=1, freeze_last_layer_iters=1, head_batchnorm=True)
     torch.manual_seed(0)  # the random backbone
