@@ -116,7 +116,9 @@ def _trained_tensors(result: Any) -> dict[str, torch.Tensor]:
 
 
 def _history(result: Any) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k not in ("seconds", "images_per_second")} for row in result.history]
+    """Per-epoch rows without their timings (everything else must match bit for bit)."""
+    timed = ("second", "time", "elapsed")
+    return [{k: v for k, v in row.items() if not any(t in k for t in timed)} for row in result.history]
 
 
 @torch.no_grad()
