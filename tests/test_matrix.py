@@ -49,16 +49,23 @@ def _supervised(backbone, info, data, cfg, **kw):  # noqa: ANN001, ANN003, ANN20
     return adapt(backbone, info, data, cfg, progress=False, **kw)
 
 
-def _swav(backbone, info, data, cfg, **kw):  # noqa: ANN001, ANN003, ANN202
+def tiny_crops(info, seed: int):  # noqa: ANN001, ANN201
+    """Multi-crop views for the self-supervised objectives: 2 large + 2 small crops.
+
+    The small crops are as large as the input: a ViT's position embeddings fix its input at 32 px.
+    """
     from selfmask.data.multicrop import MultiCrop
+
+    return MultiCrop.for_input_size(info.input_size, seed=seed, mean=info.mean, std=info.std, n_small=2,
+                                    small_size=info.input_size)
+
+
+def _swav(backbone, info, data, cfg, **kw):  # noqa: ANN001, ANN003, ANN202
     from selfmask.objectives import SwAVConfig
     from selfmask.training.ssl import adapt_swav
 
     swav = SwAVConfig(num_prototypes=8, queue_length=16, queue_start_epoch=0, freeze_prototypes_iters=1)
-    # small crops at the input size: a ViT's position embeddings fix its input at 32 px
-    crops = MultiCrop.for_input_size(info.input_size, seed=cfg.seed, mean=info.mean, std=info.std, n_small=2,
-                                     small_size=info.input_size)
-    return adapt_swav(backbone, info, data, cfg, swav, crops=crops, progress=False, **kw)
+    return adapt_swav(backbone, info, data, cfg, swav, crops=tiny_crops(info, cfg.seed), progress=False, **kw)
 
 
 @dataclass(frozen=True)
