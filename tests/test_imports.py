@@ -26,10 +26,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ALLOWED: dict[frozenset[str], str] = {
     # the training engine of issue 13 (branch i13a) replaces loop.py's call back into trainer.py
     frozenset({"selfmask.training.loop", "selfmask.training.trainer"}): "issue 13, the training engine (i13a)",
-    # registry.py imports external.py inside backbone_info/build_backbone; external.py imports
-    # BackboneInfo and the ImageNet statistics from registry.py at module level. Ends when those
-    # move to a module of their own that both import.
-    frozenset({"selfmask.backbones.external", "selfmask.backbones.registry"}): "backbones: BackboneInfo's own module",
 }
 
 Edge = tuple[str, str, int]  # (target module, file, line)
