@@ -447,15 +447,13 @@ class DINOObjective(nn.Module):
         self.center.mul_(m).add_(total / count, alpha=1.0 - m)
 
 
-def build_dino(inputs: Any) -> DINOObjective:
-    """The registry's factory (``selfmask.objectives.registry.ObjectiveInputs`` in, objective out).
+def build_dino(inputs: Any, crops: Any) -> DINOObjective:
+    """The registry's factory: ``selfmask.objectives.registry.ObjectiveInputs`` and the multi-crop views in.
 
-    ``inputs.settings``: a :class:`DINOConfig`, its ``to_dict()`` form, or ``None`` (the defaults);
-    ``inputs.crops``: the multi-crop views (``None``: the paper's 2 large + 6 small at the data's
-    size). The momentum schedule spans the run's optimiser steps; the teacher backbone is copied
-    from the student at the first step (the engine attaches the masks after building objectives).
+    ``inputs.settings``: a :class:`DINOConfig`, its ``to_dict()`` form, or ``None`` (the defaults).
+    The momentum schedule spans the run's optimiser steps; the teacher backbone is copied from the
+    student at the first step (the engine attaches the masks after building objectives).
     """
-    from selfmask.objectives.registry import default_crops
     from selfmask.training.loop import steps_per_epoch
 
     settings = inputs.settings if inputs.settings is not None else DINOConfig()
@@ -465,7 +463,7 @@ def build_dino(inputs: Any) -> DINOObjective:
         raise SelfmaskError(f"objective 'dino': settings must be a DINOConfig or a dict, got {type(settings).__name__}")
     cfg = inputs.cfg
     total = steps_per_epoch(len(inputs.train_set), cfg.batch_size) * cfg.epochs
-    return DINOObjective(inputs.info.embed_dim, settings, crops=inputs.crops or default_crops(inputs), total_steps=total)
+    return DINOObjective(inputs.info.embed_dim, settings, crops=crops, total_steps=total)
 
 
 __all__ = [

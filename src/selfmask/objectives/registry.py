@@ -102,7 +102,7 @@ def default_crops(inputs: ObjectiveInputs) -> Any:
 def _dino(inputs: ObjectiveInputs) -> Objective:
     from selfmask.objectives.dino import build_dino
 
-    return build_dino(inputs)
+    return build_dino(inputs, inputs.crops or default_crops(inputs))
 
 
 register_objective("supervised")(_supervised)
