@@ -8,7 +8,9 @@ of the loss/accuracy history of each. Write the digests on the old code, check t
     OMP_NUM_THREADS=1 PYTHONPATH=src python tools/engine_parity.py --write /tmp/parity.json   # before
     OMP_NUM_THREADS=1 PYTHONPATH=src python tools/engine_parity.py --check /tmp/parity.json   # after
 
-Exit status 1 names every run whose outputs changed.
+Exit status 1 names every run whose outputs changed. ``tools/engine_parity.main.json`` holds
+the digests of main before the engine refactor (commit 6cf9efa), written on the project's
+CPU machine (torch 2.13.0+cpu, one thread); other builds of torch may round differently.
 """
 
 from __future__ import annotations

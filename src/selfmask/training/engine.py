@@ -59,6 +59,8 @@ class EngineConfig:
     Attributes:
         epochs, batch_size, seed: passes over the data, the global batch, the seed of the
             data order and of the augmentation generator.
+        lr: the run's base learning rate, passed to ``objective.param_groups(lr)`` (the
+            backbone's groups carry their own).
         momentum, warmup_epochs: SGD momentum; linear warm-up (in epochs) before the cosine decay.
         checkpoint_every: a resumable checkpoint every this many steps (0: at epoch ends only).
         device, precision, channels_last, compile, fast_masks: see :class:`TrainConfig`.
@@ -70,6 +72,7 @@ class EngineConfig:
     epochs: int
     batch_size: int
     seed: int = 0
+    lr: float = 0.0
     momentum: float = 0.9
     warmup_epochs: float = 0.0
     checkpoint_every: int = 0
@@ -84,7 +87,7 @@ class EngineConfig:
     @classmethod
     def from_train_config(cls, cfg: TrainConfig) -> EngineConfig:
         return cls(
-            epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, momentum=cfg.momentum,
+            epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, lr=cfg.resolved_lr, momentum=cfg.momentum,
             warmup_epochs=cfg.warmup_epochs, checkpoint_every=cfg.checkpoint_every, device=cfg.device,
             precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
             fast_masks=cfg.fast_masks, backbone_trains=cfg.method != "linear",
@@ -280,8 +283,7 @@ def train(
     speed_setup(backbone, cfg, objective)
     model = wrap_for_training(ObjectiveStep(backbone, objective, cfg.channels_last), cfg, ctx,
                               find_unused=bool(getattr(objective, "find_unused_parameters", False)))
-    base_lr = param_groups[0]["lr"] if param_groups else 0.0
-    opt = make_optimizer(list(param_groups or []) + objective.param_groups(base_lr), cfg.momentum)
+    opt = make_optimizer(list(param_groups or []) + objective.param_groups(cfg.lr), cfg.momentum)
     per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
     sched = make_scheduler(opt, per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch))
     gen = generator if generator is not None else torch.Generator().manual_seed(rank_seed(cfg.seed, ctx))

@@ -96,7 +96,7 @@ def pretrain_supervised(
     n = len(dataset)
     history, _steps = train(
         model, objective, dataset,
-        EngineConfig(epochs=epochs, batch_size=batch_size, seed=seed, momentum=momentum, device=str(device),
+        EngineConfig(epochs=epochs, batch_size=batch_size, seed=seed, lr=lr, momentum=momentum, device=str(device),
                      drop_last=False),
         param_groups=groups, progress=progress, on_epoch=report, desc="pretrain",
         order=lambda _epoch: torch.randperm(n, generator=gen), generator=gen, dist=SINGLE,
