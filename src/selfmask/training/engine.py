@@ -216,14 +216,13 @@ class ObjectiveStep(nn.Module):
 
     def __init__(self, backbone: nn.Module, objective: Objective, channels_last: bool = False) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone = ChannelsLast(backbone) if channels_last else backbone
         self.objective = objective
-        self.view = ChannelsLast(backbone) if channels_last else backbone
 
     def forward(
         self, views: Any, labels: torch.Tensor | None, epoch: int, step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.objective.step(self.view, views, labels, epoch=epoch, step=step)
+        return self.objective.step(self.backbone, views, labels, epoch=epoch, step=step)
 
 
 def train(
