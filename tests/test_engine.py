@@ -218,3 +218,38 @@ def test_a_new_objective_is_one_registration(monkeypatch) -> None:
     monkeypatch.setitem(registry._FACTORIES, "rotation", lambda i: RotationObjective(i.info.embed_dim))
     obj = create_objective("rotation", ObjectiveInputs(INFO, DATA, CFG))
     assert isinstance(obj, RotationObjective) and "rotation" in objective_names()
+
+
+def test_training_and_objectives_import_no_circle() -> None:
+    """No module of selfmask.training / selfmask.objectives imports itself back, not even lazily."""
+    import ast
+    from pathlib import Path
+
+    import selfmask
+
+    root = Path(selfmask.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for package in ("training", "objectives"):
+        for path in (root / package).glob("*.py"):
+            name = f"selfmask.{package}.{path.stem}"
+            targets = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    targets.add(node.module)
+                    targets.update(f"{node.module}.{a.name}" for a in node.names)
+            graph[name] = {t for t in targets if t.startswith(("selfmask.training.", "selfmask.objectives."))}
+    graph = {k: {t for t in v if t in graph and t != k and not t.endswith(".__init__")} for k, v in graph.items()}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return [*trail, start]
+                if nxt not in trail:
+                    stack.append((nxt, [*trail, nxt]))
+        return None
+
+    cycles = [c for c in map(cycle_from, sorted(graph)) if c]
+    assert not cycles, " -> ".join(cycles[0])
