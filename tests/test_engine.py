@@ -28,7 +28,7 @@ from selfmask.objectives.registry import (
     register_objective,
 )
 from selfmask.training.config import TrainConfig
-from selfmask.training.engine import EngineConfig, prepare_training, train
+from selfmask.training.engine import prepare_training, train
 from selfmask.training.run_folder import RunFolder
 
 INFO = backbone_info("resnet_tiny")
@@ -90,7 +90,7 @@ def _setup():
 
 def _train(run=None, resume=False, **kw):
     backbone, objective, _mcfg, groups = _setup()
-    history, steps = train(backbone, objective, DATA, EngineConfig.from_train_config(CFG), param_groups=groups,
+    history, steps = train(backbone, objective, DATA, CFG, param_groups=groups,
                            run=run, resume=resume, progress=False, fingerprint={"train": CFG.to_dict()}, **kw)
     return backbone, objective, history, steps
 
@@ -157,8 +157,9 @@ def test_custom_order_and_short_last_batch_resume_bit_identically(tmp_path, monk
     def run(path, resume=False):
         gen = torch.Generator().manual_seed(9)
         backbone, objective, _m, groups = _setup()
-        cfg = EngineConfig(epochs=2, batch_size=20, seed=9, checkpoint_every=1, drop_last=False)  # 48 = 20+20+8
+        cfg = TrainConfig(epochs=2, batch_size=20, seed=9, checkpoint_every=1, lr=5.0)
         history, steps = train(backbone, objective, DATA, cfg, param_groups=groups, run=path, resume=resume,
+                               drop_last=False,  # 48 images = 20 + 20 + 8
                                progress=False, order=lambda _e: torch.randperm(len(DATA), generator=gen),
                                generator=gen)
         return _state(backbone, objective), history, steps
@@ -186,7 +187,7 @@ def test_resume_with_other_objective_settings_is_refused(tmp_path, reference) ->
     _train(run=run)
     backbone, objective, _m, groups = _setup()
     with pytest.raises(SelfmaskError, match="different settings"):
-        train(backbone, objective, DATA, EngineConfig.from_train_config(CFG), param_groups=groups,
+        train(backbone, objective, DATA, CFG, param_groups=groups,
               run=RunFolder(tmp_path / "run"), resume=True, progress=False,
               fingerprint={"train": CFG.to_dict(), "rotation": {"rotations": 3}})
 
@@ -194,7 +195,7 @@ def test_resume_with_other_objective_settings_is_refused(tmp_path, reference) ->
 def test_progress_off_a_terminal_is_one_line_per_epoch(capsys) -> None:
     logging.getLogger("selfmask.train").setLevel(logging.WARNING)  # no log line to the console either
     backbone, objective, _m, groups = _setup()
-    train(backbone, objective, DATA, EngineConfig.from_train_config(CFG), param_groups=groups, progress=True,
+    train(backbone, objective, DATA, CFG, param_groups=groups, progress=True,
           desc="rotation")
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("rotation epoch")]

@@ -33,7 +33,7 @@ from selfmask.training.distributed import (
     shard_range,
     training_device,
 )
-from selfmask.training.engine import EngineConfig, TrainResult, finish, prepare_training, train
+from selfmask.training.engine import TrainResult, finish, prepare_training, train
 from selfmask.training.identity import with_run_identity
 from selfmask.training.run_folder import RunFolder, write_run_config
 
@@ -100,7 +100,7 @@ def adapt_ssl(
         return {"online_knn": _online_knn(backbone, info, online_eval, training_device(cfg.device, ctx), ctx)}
 
     history, steps = train(
-        backbone, obj, train_set, EngineConfig.from_train_config(cfg), param_groups=groups, run=run, resume=resume,
+        backbone, obj, train_set, cfg, param_groups=groups, run=run, resume=resume,
         progress=progress, on_epoch=on_epoch, epoch_extra=online_knn, desc=f"{obj.name} {cfg.method}",
         write_config=lambda: write_run_config(run, info, train_set, 0, cfg, mcfg, run_meta,
                                               **{name: recipe, "crops": _crops_dict(crops)}),
