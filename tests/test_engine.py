@@ -207,6 +207,11 @@ def test_registry_builds_objectives_by_name_and_refuses_unknown_ones() -> None:
     assert {"supervised", "swav"} <= set(objective_names())
     inputs = ObjectiveInputs(INFO, DATA, CFG)
     assert isinstance(create_objective("supervised", inputs), Objective)
+    recipe = {"num_prototypes": 8, "queue_length": 0, "projection_dim": 16}  # a config file's dict is accepted
+    swav = create_objective("swav", ObjectiveInputs(INFO, DATA, CFG, recipe))
+    assert isinstance(swav, Objective) and swav.config_dict()["num_prototypes"] == 8
+    with pytest.raises(SelfmaskError, match="queue_length 512 is longer than the dataset"):  # the paper's queue
+        create_objective("swav", inputs)
     with pytest.raises(SelfmaskError, match=r"unknown objective 'byol'; known objectives: .*supervised.*swav"):
         create_objective("byol", inputs)
     with pytest.raises(SelfmaskError, match="registered twice"):
