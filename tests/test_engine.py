@@ -20,11 +20,13 @@ from conftest import make_stripes
 from selfmask.backbones import backbone_info, build_backbone
 from selfmask.errors import SelfmaskError
 from selfmask.masking import mask_scores
+from selfmask.objectives import SwAVConfig
 from selfmask.objectives.base import Objective
 from selfmask.objectives.registry import (
     ObjectiveInputs,
     create_objective,
     objective_names,
+    objective_settings,
     register_objective,
 )
 from selfmask.training.config import TrainConfig
@@ -212,6 +214,9 @@ def test_registry_builds_objectives_by_name_and_refuses_unknown_ones() -> None:
     assert isinstance(swav, Objective) and swav.config_dict()["num_prototypes"] == 8
     with pytest.raises(SelfmaskError, match="queue_length 512 is longer than the dataset"):  # the paper's queue
         create_objective("swav", inputs)
+    assert objective_settings("swav") is SwAVConfig and objective_settings("supervised") is None
+    with pytest.raises(SelfmaskError, match="unknown objective 'byol'"):
+        objective_settings("byol")
     with pytest.raises(SelfmaskError, match=r"unknown objective 'byol'; known objectives: .*supervised.*swav"):
         create_objective("byol", inputs)
     with pytest.raises(SelfmaskError, match="registered twice"):
