@@ -77,6 +77,8 @@ def adapt_ssl(
         online_eval: a k-NN on a labelled split every few epochs, added to the metrics.
     """
     name = cfg.objective if objective is None else objective
+    if name == "supervised":
+        raise SelfmaskError("adapt_ssl(): the supervised objective is trained by adapt()")
     if cfg.method not in ("mask", "topk", "fft"):
         raise SelfmaskError(f"self-supervised training needs method mask, topk or fft, got {cfg.method!r}")
     n = len(train_set)
