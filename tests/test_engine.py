@@ -264,3 +264,15 @@ def test_training_and_objectives_import_no_circle() -> None:
 
     cycles = [c for c in map(cycle_from, sorted(graph)) if c]
     assert not cycles, " -> ".join(cycles[0])
+
+
+def test_adapt_ssl_refuses_an_unknown_objective_before_any_set_up() -> None:
+    from selfmask.training.ssl import adapt_ssl
+
+    backbone = build_backbone("resnet_tiny")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with pytest.raises(SelfmaskError, match="unknown objective 'byol'; known objectives: "):
+        adapt_ssl(backbone, INFO, DATA, CFG, objective="byol", progress=False)
+    assert torch.equal(torch.rand(3), expected)  # the global generator was not reseeded or drawn from

@@ -24,7 +24,7 @@ from selfmask.backbones.registry import BackboneInfo
 from selfmask.data.base import ImageTensorDataset
 from selfmask.errors import SelfmaskError
 from selfmask.objectives import SwAVConfig
-from selfmask.objectives.registry import ObjectiveInputs, create_objective, default_crops
+from selfmask.objectives.registry import ObjectiveInputs, create_objective, default_crops, get_factory
 from selfmask.training.config import TrainConfig
 from selfmask.training.distributed import (
     DistContext,
@@ -79,6 +79,7 @@ def adapt_ssl(
     name = cfg.objective if objective is None else objective
     if name == "supervised":
         raise SelfmaskError("adapt_ssl(): the supervised objective is trained by adapt()")
+    get_factory(name)  # an unknown objective: one clear error before anything is set up
     if cfg.method not in ("mask", "topk", "fft"):
         raise SelfmaskError(f"self-supervised training needs method mask, topk or fft, got {cfg.method!r}")
     n = len(train_set)
