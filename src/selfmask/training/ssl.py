@@ -85,8 +85,7 @@ def adapt_ssl(
     n = len(train_set)
     if min(cfg.batch_size, n) < 2:
         raise SelfmaskError(f"{name}: self-supervised training needs batches of at least 2 images; the training set has {n}")
-    inputs = ObjectiveInputs(info, train_set, cfg, settings, crops)
-    crops = crops or default_crops(inputs)  # drawn before the seed, as the SwAV loop always did
+    crops = crops or default_crops(ObjectiveInputs(info, train_set, cfg))  # made before the seed, as always
     inputs = ObjectiveInputs(info, train_set, cfg, settings, crops)
     backbone, obj, mcfg, groups = prepare_training(backbone, info, cfg, lambda: create_objective(name, inputs))
     recipe = obj.config_dict()
