@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from selfmask.data.subsets import label_subset
     from selfmask.experiments.evaluate import evaluate_features
     from selfmask.io import atomic_write_json
-    from selfmask.training.run_folder import load_run, run_embedding
+    from selfmask.training.run_folder import load_run
     from selfmask.training.trainer import resolve_device
 
     check_eval_args(args)
@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         if args.backbone or args.weights or args.embedding:
             raise SelfmaskError("give either --run or --backbone/--weights/--embedding, not both")
         backbone, _head, cfg = load_run(args.run, device=args.device)
-        info = backbone_info(cfg["backbone"], run_embedding(cfg))
+        info = backbone_info(cfg.backbone, cfg.embedding)
     else:
         info = backbone_info(args.backbone or "resnet_tiny", args.embedding)
         torch.manual_seed(args.seed)
