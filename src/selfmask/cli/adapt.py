@@ -100,6 +100,7 @@ def _new_job(args: argparse.Namespace, options: dict[str, Any]) -> Any:
     if "mask" in groups:
         train["mask"] = groups["mask"]
     objective = train.get("objective", "supervised")
+    check_objective_settings(objective, None, None)  # an objective that does not exist: one line, before the rest
     crops = groups.get("crops", {})
     if args.no_color:
         crops.update(jitter_p=0.0, grayscale_p=0.0)

@@ -101,7 +101,9 @@ def check_objective_settings(objective: str, objective_config: Any, crops: Any) 
     from selfmask.data.multicrop import MultiCropConfig
 
     configs = objective_configs()
-    if configs.get(objective) is None:
+    if objective not in configs:
+        raise SelfmaskError(f"unknown objective {objective!r}; expected one of {tuple(configs)}")
+    if configs[objective] is None:
         return
     if isinstance(objective_config, dict):
         configs[objective](**objective_config)
