@@ -123,10 +123,8 @@ def run_adapt(job: AdaptJob) -> AdaptOutcome:
     from selfmask.training.preflight import run_preflight
     from selfmask.training.trainer import resolve_device
 
-    settings = job.train.to_dict() if isinstance(job.train, TrainConfig) else job.train
     # every problem (config, device, backbone, weights, data, run folder, disk) at once, before any work
-    run_preflight(out=job.out, backbone=job.backbone, weights=job.weights, data=job.data,
-                  train_settings={k: v for k, v in settings.items() if k not in ("resolved_lr", "resolved_weight_decay")},
+    run_preflight(out=job.out, backbone=job.backbone, weights=job.weights, data=job.data, train_settings=job.train,
                   overwrite=job.overwrite and not job.resume, resume=job.resume)
     backbone_info(job.backbone, job.embedding)  # an embedding the backbone does not offer: one line
     cfg = job.train if isinstance(job.train, TrainConfig) else TrainConfig(**job.train)
