@@ -332,7 +332,7 @@ class RunConfig:
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to ``config.json`` (keys in the order of format 1, the version first)."""
-        from selfmask import __version__
+        from selfmask.version import __version__
 
         out: dict[str, Any] = {"format_version": RUN_FORMAT_VERSION, "written_by": f"selfmask {__version__}",
                                "backbone": self.backbone, "embedding": self.embedding, "weights": self.weights,
@@ -393,13 +393,21 @@ class RunConfig:
             crops = from_mapping(MultiCropConfig, crops, f"{where}: 'crops'")
         elif crops is not None and not isinstance(crops, dict):
             raise SelfmaskError(f"{where}: 'crops' must be an object, got {crops!r}")
-        from selfmask.training.run_folder import run_embedding
-
         return cls(backbone=data["backbone"], seed=data["seed"], weights=data.get("weights"),
                    embedding=run_embedding(data), mask=top_mask, train=train, data=data.get("data"),
                    objective_config=objective_config, crops=crops,
                    meta={k: data[k] for k in META_KEYS if k in data}, format_version=version,
                    written_by=data.get("written_by"))
+
+
+def run_embedding(cfg: dict[str, Any]) -> str | None:
+    """The embedding a ``config.json`` (or cascade manifest) records; runs written before it was recorded used the
+    legacy one."""
+    from selfmask.backbones.registry import LEGACY_EMBEDDING, backbone_info
+
+    if "embedding" in cfg:
+        return None if cfg["embedding"] is None else str(cfg["embedding"])
+    return LEGACY_EMBEDDING if backbone_info(cfg["backbone"]).embeddings else None
 
 
 def _check_json_types(data: dict[str, Any], where: str | Path) -> None:

@@ -31,6 +31,7 @@ from typing import Any
 
 from selfmask.errors import SelfmaskError
 from selfmask.io import atomic_write_json, atomic_write_text, read_safetensors
+from selfmask.training.config import run_embedding  # noqa: F401  (cascade manifests read it from here)
 from selfmask.training.ownership import claim, folder_problem, release
 
 RUN_FILES = (
@@ -182,16 +183,6 @@ def read_run_config(path: str | Path) -> Any:
     from selfmask.training.config import read_config_json
 
     return read_config_json(path)
-
-
-def run_embedding(cfg: dict[str, Any]) -> str | None:
-    """The embedding a ``config.json`` (or cascade manifest) records; runs written before it was recorded used the
-    legacy one."""
-    from selfmask.backbones.registry import LEGACY_EMBEDDING, backbone_info
-
-    if "embedding" in cfg:
-        return None if cfg["embedding"] is None else str(cfg["embedding"])
-    return LEGACY_EMBEDDING if backbone_info(cfg["backbone"]).embeddings else None
 
 
 def create_run_base(cfg: Any) -> Any:
