@@ -136,7 +136,7 @@ def collect() -> dict[str, dict]:
                                                 head="masked-random")
         out["swav_bf16_channels_last"] = _swav(tmp, "swav_bf16", "mask", {"precision": "bf16", "channels_last": True},
                                                queue_length=0)
-        out["no_fast_masks"] = _supervised(tmp, "plain", method="topk", fast_masks=False, bn="eval")
+        out["no_fast_masks"] = _supervised(tmp, "plain", method="topk", fast_masks=False, mask={"bn": "eval"})
         out["resumed"] = _resumed(tmp)
         out["pretrain"] = _pretrain()
     return out
