@@ -33,7 +33,10 @@ DERIVED_TRAIN_KEYS = ("resolved_lr", "resolved_weight_decay")
 
 
 #: Settings dataclass of each objective that has one (its flags and its ``config.json`` key, its name).
-OBJECTIVE_SETTINGS: dict[str, str] = {"swav": "selfmask.objectives.swav:SwAVConfig"}
+OBJECTIVE_SETTINGS: dict[str, str] = {
+    "swav": "selfmask.objectives.swav:SwAVConfig",
+    "dino": "selfmask.objectives.dino:DINOConfig",  # read once the registry has "dino" (branch i13d)
+}
 
 
 def objective_configs() -> dict[str, type | None]:
