@@ -172,8 +172,9 @@ def test_every_mask_field_is_reachable_from_flags_and_config_files(tmp_path) -> 
 
 
 def test_an_objectives_config_dataclass_gets_its_flag_group_without_cli_edits(monkeypatch) -> None:
-    """A new objective (DINO, say) is a dataclass in the objective list: its fields become options, and a name
-    another group uses is prefixed with the objective's."""
+    """A new objective (DINO, say) is a dataclass in the objective list: its fields become options; a name
+    the training, mask or crop settings use is prefixed with the objective's, a name another objective
+    uses is one option for both."""
     import selfmask.cli.flags as flags
     import selfmask.training.config as config
 
@@ -186,6 +187,7 @@ def test_an_objectives_config_dataclass_gets_its_flag_group_without_cli_edits(mo
 
         momentum: float = 0.996
         out_dim: int = 64
+        freeze_backbone_iters: int = 0
 
     real = config.objective_configs
     monkeypatch.setattr(config, "objective_configs", lambda: {**real(), "toy": ToyConfig})
@@ -194,6 +196,9 @@ def test_an_objectives_config_dataclass_gets_its_flag_group_without_cli_edits(mo
         by = {o.flag: o for o in flags.options()}
         assert by["--out-dim"].group == "toy" and by["--toy-momentum"].spec.help == "teacher momentum."
         assert by["--momentum"].group == "train"
+        shared = by["--freeze-backbone-iters"]  # SwAV's flag keeps its name and sets the run's objective's field
+        assert shared.objectives == ("swav", "toy") and "--swav-freeze-backbone-iters" not in by
+        assert flags.grouped({"freeze_backbone_iters": 5}, "toy") == {"toy": {"freeze_backbone_iters": 5}}
         with pytest.raises(SelfmaskError, match=r"--out-dim only apply to --objective toy"):
             from selfmask.cli.adapt import _new_job
             from selfmask.cli.main import build_parser

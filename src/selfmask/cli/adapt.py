@@ -95,25 +95,25 @@ def _new_job(args: argparse.Namespace, options: dict[str, Any]) -> Any:
     if args.out is None:
         raise SelfmaskError("--out RUN_DIR is required (or --resume RUN_DIR to continue a run)")
     settings, other = resolve_settings(args)
-    groups = grouped(settings)
+    objective = settings.get("objective", "supervised")
+    check_objective_settings(objective, None, None)  # an objective that does not exist: one line, before the rest
+    self_supervised = objective_configs()[objective] is not None
+    foreign = [d for d in settings if not by_dest()[d].applies_to(objective)]
+    foreign += [] if self_supervised else [n for n in _SSL_SWITCHES if _given(args, n)]
+    if foreign:
+        option = by_dest().get(foreign[0])
+        owner = ("a self-supervised objective" if option is None or option.group == "crops" else
+                 f"--objective {' or '.join(option.objectives) if option.objectives else option.group}")
+        raise SelfmaskError(f"{flag_names(foreign)} only apply to {owner} (this run's objective: {objective!r})")
+    groups = grouped(settings, objective)
     train = groups.get("train", {})
     if "mask" in groups:
         train["mask"] = groups["mask"]
-    objective = train.get("objective", "supervised")
-    check_objective_settings(objective, None, None)  # an objective that does not exist: one line, before the rest
     crops = groups.get("crops", {})
     if args.no_color:
         crops.update(jitter_p=0.0, grayscale_p=0.0)
     if args.no_blur:
         crops["blur_p"] = 0.0
-    self_supervised = objective_configs().get(objective) is not None
-    foreign = [d for d, v in settings.items() if by_dest()[d].group not in ("train", "mask", objective)
-               and not (self_supervised and by_dest()[d].group == "crops")]
-    foreign += [] if self_supervised else [n for n in _SSL_SWITCHES if _given(args, n)]
-    if foreign:
-        owner = by_dest()[foreign[0]].group if foreign[0] in by_dest() else "a self-supervised objective"
-        owner = "a self-supervised objective" if owner == "crops" else f"--objective {owner}"
-        raise SelfmaskError(f"{flag_names(foreign)} only apply to {owner} (this run's objective: {objective!r})")
     objective_config = groups.get(objective)
     check_objective_settings(objective, objective_config or {}, crops)
     return AdaptJob(train=train, data=other["data"], out=args.out, backbone=other["backbone"],

@@ -34,16 +34,23 @@ FLAG_NAMES: dict[tuple[str, str], str] = {
 #: keep_ratio and seed; crops are normalised with the backbone's mean and std.
 NO_FLAG = {("train", "mask"), ("train", "extra"), ("mask", "mode"), ("mask", "keep_ratio"), ("mask", "seed"),
            ("crops", "mean"), ("crops", "std")}
-GROUP_TITLES = {"mask": "masks (--method mask / topk)", "crops": "multi-crop views (self-supervised objectives)"}
+GROUP_TITLES = {"mask": "masks (--method mask / topk)", "crops": "multi-crop views (self-supervised objectives)",
+                "objective": "settings several self-supervised objectives share"}
 
 
 @dataclass(frozen=True)
 class Option:
-    """One generated option: ``dest`` is its argparse destination and ``--config`` key."""
+    """One generated option: ``dest`` is its argparse destination and ``--config`` key.
 
-    group: str  # "train", "mask", "crops" or an objective's name
+    ``group`` is ``"train"``, ``"mask"``, ``"crops"``, an objective's name, or :data:`SHARED` for a
+    field several objectives have under one name (``--freeze-backbone-iters``): it sets the field of
+    the run's objective, one of ``objectives``.
+    """
+
+    group: str
     spec: FieldSpec
     dest: str
+    objectives: tuple[str, ...] = ()
 
     @property
     def inverted(self) -> bool:
@@ -53,6 +60,22 @@ class Option:
     @property
     def flag(self) -> str:
         return ("--no-" if self.inverted else "--") + self.dest.replace("_", "-")
+
+    def applies_to(self, objective: str) -> bool:
+        """Whether the option sets something in a run of ``objective``."""
+        if self.group == SHARED:
+            return objective in self.objectives
+        return self.group in ("train", "mask", objective) or (self.group == "crops" and _self_supervised(objective))
+
+
+#: ``Option.group`` of a field several objectives share.
+SHARED = "objective"
+
+
+def _self_supervised(objective: str) -> bool:
+    from selfmask.training.config import objective_configs
+
+    return objective_configs().get(objective) is not None
 
 
 def _groups() -> list[tuple[str, type]]:
@@ -66,22 +89,38 @@ def _groups() -> list[tuple[str, type]]:
 
 @cache
 def options() -> tuple[Option, ...]:
-    """Every generated option, in the order ``--help`` lists them."""
+    """Every generated option, in the order ``--help`` lists them.
+
+    An objective's field is ``--<name>``; when ``train``, ``mask`` or ``crops`` has that name too,
+    ``--<objective>-<name>``; when other objectives have a field of that name and type, one shared option.
+    """
     from selfmask.training.config import objective_configs
 
     objectives = set(objective_configs())
     groups = [(g, {n: s for n, s in field_specs(cls).items() if (g, n) not in NO_FLAG}) for g, cls in _groups()]
-    names: dict[str, list[str]] = {}
+    general = {FLAG_NAMES.get((g, n), n) for g, specs in groups if g not in objectives for n in specs}
+    owners: dict[str, list[tuple[str, FieldSpec]]] = {}
     for group, specs in groups:
-        for name in specs:
-            names.setdefault(FLAG_NAMES.get((group, name), name), []).append(group)
+        for name, spec in specs.items():
+            dest = FLAG_NAMES.get((group, name), name)
+            if group in objectives and dest not in general:
+                owners.setdefault(dest, []).append((group, spec))
     out = []
     for group, specs in groups:
         for name, spec in specs.items():
             dest = FLAG_NAMES.get((group, name), name)
-            if group in objectives and len(names[dest]) > 1:
-                dest = f"{group}_{dest}"
-            out.append(Option(group, spec, dest))
+            if group not in objectives:
+                out.append(Option(group, spec, dest))
+            elif dest in general:
+                out.append(Option(group, spec, f"{group}_{dest}"))
+            elif len(owners[dest]) == 1:
+                out.append(Option(group, spec, dest))
+            elif owners[dest][0][0] == group:  # the first of several: one option for all of them
+                out.append(Option(SHARED, spec, dest, tuple(g for g, _s in owners[dest])))
+            if group in objectives and dest in owners and len(owners[dest]) > 1:
+                first = owners[dest][0][1]
+                if (spec.name, spec.kind, spec.length) != (first.name, first.kind, first.length):
+                    raise AssertionError(f"objectives share option --{dest} with different fields or types")
     dests = [o.dest for o in out]
     assert len(dests) == len(set(dests)), "two settings would share one option"
     return tuple(out)
@@ -146,13 +185,13 @@ def check_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-def grouped(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``dest -> value`` as ``group -> {field: value}`` (train settings get their masks under ``"mask"``)."""
+def grouped(values: dict[str, Any], objective: str) -> dict[str, dict[str, Any]]:
+    """``dest -> value`` as ``group -> {field: value}`` (a shared objective option goes to ``objective``)."""
     known = by_dest()
     out: dict[str, dict[str, Any]] = {}
     for dest, value in values.items():
         option = known[dest]
-        out.setdefault(option.group, {})[option.spec.name] = value
+        out.setdefault(objective if option.group == SHARED else option.group, {})[option.spec.name] = value
     return out
 
 
