@@ -206,11 +206,12 @@ def _train(job: AdaptJob, backbone: Any, info: Any, train: Any, run_folder: Any,
     if cfg.objective == "supervised":
         return adapt(backbone, info, train, cfg, run=run_folder, progress=job.progress, run_meta=meta,
                      resume=job.resume)
-    from selfmask.training.ssl import adapt_swav
+    from selfmask.training.ssl import adapt_ssl
 
     online = online_split(train, job.online_knn_every, cfg.seed)
-    return adapt_swav(backbone, info, train, cfg, _objective_config(job), crops=_crops(job, info, cfg.seed),
-                      run=run_folder, run_meta=meta, progress=job.progress, online_eval=online, resume=job.resume)
+    return adapt_ssl(backbone, info, train, cfg, _objective_config(job), objective=cfg.objective,
+                     crops=_crops(job, info, cfg.seed), run=run_folder, run_meta=meta, progress=job.progress,
+                     online_eval=online, resume=job.resume)
 
 
 def _train_and_evaluate(job: AdaptJob, ctx: Any) -> AdaptOutcome:
