@@ -24,10 +24,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: fails the test; a listed one that is gone fails ``test_allowed_circles_still_exist``, so the
 #: entry is deleted once its fix lands.
 ALLOWED: dict[frozenset[str], str] = {
-    # registry.py imports external.py inside backbone_info/build_backbone; external.py imports
-    # BackboneInfo and the ImageNet statistics from registry.py at module level. Ends when those
-    # move to a module of their own that both import.
-    frozenset({"selfmask.backbones.external", "selfmask.backbones.registry"}): "backbones: BackboneInfo's own module",
 }
 
 Edge = tuple[str, str, int]  # (target module, file, line)

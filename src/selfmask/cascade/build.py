@@ -178,12 +178,6 @@ def _multicrop(d: Dispatcher, info: BackboneInfo, seed: int):  # noqa: ANN202
     return MultiCrop(d.crops, seed=seed)
 
 
-def _changed_buffers(model: torch.nn.Module, base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``buffer.<name>`` extras: the buffers training changed (BatchNorm statistics), as mask files store them."""
-    return {f"buffer.{k}": v.detach().cpu().clone() for k, v in model.named_buffers()
-            if k in base and not torch.equal(v.detach().cpu(), base[k])}
-
-
 def train_expert(
     d: Dispatcher,
     info: BackboneInfo,
@@ -198,6 +192,7 @@ def train_expert(
 ) -> dict[str, Any]:
     """Train group ``group``'s expert (run folder ``out/runs/expert-<g>``), save ``out/expert-<g>.mask``; its report row."""
     from selfmask.storage import save_mask
+    from selfmask.storage.apply import changed_buffers
     from selfmask.training.run_folder import RunFolder
     from selfmask.training.ssl import adapt_swav
 
@@ -212,7 +207,7 @@ def train_expert(
     # straight from the trained model: a run folder rebuilds a random base (weights null) from the
     # run's own seed, while an expert's base is the dispatcher's
     save_mask(result.backbone, out / f"{expert_name(group)}.mask", backbone=info.name,
-              extra=_changed_buffers(result.backbone, base_buffers), overwrite=True, base_fingerprint=base_fingerprint,
+              extra=changed_buffers(result.backbone, base_buffers), overwrite=True, base_fingerprint=base_fingerprint,
               source={"run_dir": f"runs/{expert_name(group)}", "weights": d.weights, "seed": plan.seed,
                       "role": "expert", "group": group})
     return {"group": group, "train_images": n, "batch_size": plan.batch_size, "epochs": plan.epochs,
