@@ -32,36 +32,17 @@ V1_MASK_KEYS = {"threshold": "threshold", "init_score": "init_score", "mask_targ
 DERIVED_TRAIN_KEYS = ("resolved_lr", "resolved_weight_decay")
 
 
-#: Settings dataclass of each objective that has one (its flags and its ``config.json`` key, its name).
-OBJECTIVE_SETTINGS: dict[str, str] = {
-    "swav": "selfmask.objectives.swav:SwAVConfig",
-    "dino": "selfmask.objectives.dino:DINOConfig",  # read once the registry has "dino" (branch i13d)
-}
-
-
 def objective_configs() -> dict[str, type | None]:
     """Objective name -> its settings dataclass (``None``: no settings), for the reader and the flags.
 
-    The names are those of :mod:`selfmask.objectives.registry`; a registry that says which settings
-    class an objective takes (``objective_settings(name)``) is asked first, else
-    :data:`OBJECTIVE_SETTINGS`. An objective with a settings dataclass (e.g. DINO's) gets its flag
-    group and its ``config.json`` key with no command-line edit.
+    Names and settings classes are those of :mod:`selfmask.objectives.registry`
+    (``register_objective(name, settings=...)``), so an objective with a settings dataclass (e.g.
+    DINO's) gets its flag group and its ``config.json`` key (its name) with no other edit.
     """
-    import importlib
-
     from selfmask.objectives import registry
 
-    asked = getattr(registry, "objective_settings", None)
-    out: dict[str, type | None] = {}
-    for name in registry.objective_names():
-        if asked is not None:
-            out[name] = asked(name)
-        elif name in OBJECTIVE_SETTINGS:
-            module, attr = OBJECTIVE_SETTINGS[name].split(":")
-            out[name] = getattr(importlib.import_module(module), attr)
-        else:
-            out[name] = None
-    return dict(sorted(out.items(), key=lambda kv: kv[0] != "supervised"))
+    names = sorted(registry.objective_names(), key=lambda name: name != "supervised")
+    return {name: registry.objective_settings(name) for name in names}
 
 
 #: The paper's optimiser settings per method (METHOD.md sections 1 and 3): used when a
