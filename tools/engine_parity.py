@@ -71,10 +71,20 @@ def _summary(result, run_dir: Path | None = None) -> dict:
     return out
 
 
+def train_config(**kw):  # noqa: ANN003, ANN201
+    """A TrainConfig on old and new code alike: since issue 13 the mask settings are one object, ``mask``."""
+    from dataclasses import fields
+
+    if "mask" in {f.name for f in fields(TrainConfig)}:
+        mask = {k: kw.pop(k) for k in ("threshold", "init_score", "bn") if k in kw}
+        kw = {**kw, "mask": mask} if mask else kw
+    return TrainConfig(**kw)
+
+
 def _supervised(tmp: Path, name: str, **kw) -> dict:
     from selfmask.training.trainer import adapt
 
-    cfg = TrainConfig(epochs=2, batch_size=16, seed=3, warmup_epochs=0.5, **kw)
+    cfg = train_config(epochs=2, batch_size=16, seed=3, warmup_epochs=0.5, **kw)
     run = RunFolder(tmp / name).prepare()
     return _summary(adapt(_backbone(), INFO, DATA, cfg, run=run, progress=False), tmp / name)
 
@@ -82,7 +92,7 @@ def _supervised(tmp: Path, name: str, **kw) -> dict:
 def _swav(tmp: Path, name: str, method: str, train: dict | None = None, **kw) -> dict:
     from selfmask.training.ssl import adapt_swav
 
-    cfg = TrainConfig(method=method, objective="swav", epochs=2, batch_size=16, seed=5,
+    cfg = train_config(method=method, objective="swav", epochs=2, batch_size=16, seed=5,
                       lr=0.01 if method == "fft" else None, **(train or {}))
     swav = SwAVConfig(num_prototypes=8, projection_dim=16, freeze_prototypes_iters=2, **kw)
     crops = MultiCrop.for_input_size(32, seed=5, mean=INFO.mean, std=INFO.std, n_small=2)
@@ -97,7 +107,7 @@ class _Crash(Exception):
 def _resumed(tmp: Path) -> dict:
     from selfmask.training.trainer import adapt
 
-    cfg = TrainConfig(epochs=2, batch_size=16, seed=3, checkpoint_every=3, head="masked-random")
+    cfg = train_config(epochs=2, batch_size=16, seed=3, checkpoint_every=3, head="masked-random")
 
     def crash(row: dict) -> None:
         raise _Crash
