@@ -102,7 +102,7 @@ def built(tmp_path_factory):
     info = backbone_info(BACKBONE)
     torch.manual_seed(0)
     backbone = create_backbone(BACKBONE)
-    cfg = TrainConfig(method="mask", objective="swav", epochs=1, batch_size=24, lr=50.0, seed=0, bn="eval")
+    cfg = TrainConfig(method="mask", objective="swav", epochs=1, batch_size=24, lr=50.0, seed=0, mask={"bn": "eval"})
     swav = SwAVConfig(num_prototypes=16, queue_length=0, freeze_prototypes_iters=0)
     crops = MultiCrop.for_input_size(info.input_size, seed=0, mean=info.mean, std=info.std, n_small=2)
     run = RunFolder(root / "dispatcher").prepare()

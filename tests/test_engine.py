@@ -20,15 +20,17 @@ from conftest import make_stripes
 from selfmask.backbones import backbone_info, build_backbone
 from selfmask.errors import SelfmaskError
 from selfmask.masking import mask_scores
+from selfmask.objectives import SwAVConfig
 from selfmask.objectives.base import Objective
 from selfmask.objectives.registry import (
     ObjectiveInputs,
     create_objective,
     objective_names,
+    objective_settings,
     register_objective,
 )
 from selfmask.training.config import TrainConfig
-from selfmask.training.engine import EngineConfig, prepare_training, train
+from selfmask.training.engine import prepare_training, train
 from selfmask.training.run_folder import RunFolder
 
 INFO = backbone_info("resnet_tiny")
@@ -90,7 +92,7 @@ def _setup():
 
 def _train(run=None, resume=False, **kw):
     backbone, objective, _mcfg, groups = _setup()
-    history, steps = train(backbone, objective, DATA, EngineConfig.from_train_config(CFG), param_groups=groups,
+    history, steps = train(backbone, objective, DATA, CFG, param_groups=groups,
                            run=run, resume=resume, progress=False, fingerprint={"train": CFG.to_dict()}, **kw)
     return backbone, objective, history, steps
 
@@ -157,8 +159,9 @@ def test_custom_order_and_short_last_batch_resume_bit_identically(tmp_path, monk
     def run(path, resume=False):
         gen = torch.Generator().manual_seed(9)
         backbone, objective, _m, groups = _setup()
-        cfg = EngineConfig(epochs=2, batch_size=20, seed=9, checkpoint_every=1, drop_last=False)  # 48 = 20+20+8
+        cfg = TrainConfig(epochs=2, batch_size=20, seed=9, checkpoint_every=1, lr=5.0)
         history, steps = train(backbone, objective, DATA, cfg, param_groups=groups, run=path, resume=resume,
+                               drop_last=False,  # 48 images = 20 + 20 + 8
                                progress=False, order=lambda _e: torch.randperm(len(DATA), generator=gen),
                                generator=gen)
         return _state(backbone, objective), history, steps
@@ -186,7 +189,7 @@ def test_resume_with_other_objective_settings_is_refused(tmp_path, reference) ->
     _train(run=run)
     backbone, objective, _m, groups = _setup()
     with pytest.raises(SelfmaskError, match="different settings"):
-        train(backbone, objective, DATA, EngineConfig.from_train_config(CFG), param_groups=groups,
+        train(backbone, objective, DATA, CFG, param_groups=groups,
               run=RunFolder(tmp_path / "run"), resume=True, progress=False,
               fingerprint={"train": CFG.to_dict(), "rotation": {"rotations": 3}})
 
@@ -194,7 +197,7 @@ def test_resume_with_other_objective_settings_is_refused(tmp_path, reference) ->
 def test_progress_off_a_terminal_is_one_line_per_epoch(capsys) -> None:
     logging.getLogger("selfmask.train").setLevel(logging.WARNING)  # no log line to the console either
     backbone, objective, _m, groups = _setup()
-    train(backbone, objective, DATA, EngineConfig.from_train_config(CFG), param_groups=groups, progress=True,
+    train(backbone, objective, DATA, CFG, param_groups=groups, progress=True,
           desc="rotation")
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("rotation epoch")]
@@ -206,6 +209,14 @@ def test_registry_builds_objectives_by_name_and_refuses_unknown_ones() -> None:
     assert {"supervised", "swav"} <= set(objective_names())
     inputs = ObjectiveInputs(INFO, DATA, CFG)
     assert isinstance(create_objective("supervised", inputs), Objective)
+    recipe = {"num_prototypes": 8, "queue_length": 0, "projection_dim": 16}  # a config file's dict is accepted
+    swav = create_objective("swav", ObjectiveInputs(INFO, DATA, CFG, recipe))
+    assert isinstance(swav, Objective) and swav.config_dict()["num_prototypes"] == 8
+    with pytest.raises(SelfmaskError, match="queue_length 512 is longer than the dataset"):  # the paper's queue
+        create_objective("swav", inputs)
+    assert objective_settings("swav") is SwAVConfig and objective_settings("supervised") is None
+    with pytest.raises(SelfmaskError, match="unknown objective 'byol'"):
+        objective_settings("byol")
     with pytest.raises(SelfmaskError, match=r"unknown objective 'byol'; known objectives: .*supervised.*swav"):
         create_objective("byol", inputs)
     with pytest.raises(SelfmaskError, match="registered twice"):
@@ -218,3 +229,50 @@ def test_a_new_objective_is_one_registration(monkeypatch) -> None:
     monkeypatch.setitem(registry._FACTORIES, "rotation", lambda i: RotationObjective(i.info.embed_dim))
     obj = create_objective("rotation", ObjectiveInputs(INFO, DATA, CFG))
     assert isinstance(obj, RotationObjective) and "rotation" in objective_names()
+
+
+def test_training_and_objectives_import_no_circle() -> None:
+    """No module of selfmask.training / selfmask.objectives imports itself back, not even lazily."""
+    import ast
+    from pathlib import Path
+
+    import selfmask
+
+    root = Path(selfmask.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for package in ("training", "objectives"):
+        for path in (root / package).glob("*.py"):
+            name = f"selfmask.{package}.{path.stem}"
+            targets = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    targets.add(node.module)
+                    targets.update(f"{node.module}.{a.name}" for a in node.names)
+            graph[name] = {t for t in targets if t.startswith(("selfmask.training.", "selfmask.objectives."))}
+    graph = {k: {t for t in v if t in graph and t != k and not t.endswith(".__init__")} for k, v in graph.items()}
+
+    def cycle_from(start: str) -> list[str] | None:
+        stack = [(start, [start])]
+        while stack:
+            node, trail = stack.pop()
+            for nxt in graph[node]:
+                if nxt == start:
+                    return [*trail, start]
+                if nxt not in trail:
+                    stack.append((nxt, [*trail, nxt]))
+        return None
+
+    cycles = [c for c in map(cycle_from, sorted(graph)) if c]
+    assert not cycles, " -> ".join(cycles[0])
+
+
+def test_adapt_ssl_refuses_an_unknown_objective_before_any_set_up() -> None:
+    from selfmask.training.ssl import adapt_ssl
+
+    backbone = build_backbone("resnet_tiny")
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with pytest.raises(SelfmaskError, match="unknown objective 'byol'; known objectives: "):
+        adapt_ssl(backbone, INFO, DATA, CFG, objective="byol", progress=False)
+    assert torch.equal(torch.rand(3), expected)  # the global generator was not reseeded or drawn from

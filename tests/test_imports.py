@@ -24,8 +24,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 #: fails the test; a listed one that is gone fails ``test_allowed_circles_still_exist``, so the
 #: entry is deleted once its fix lands.
 ALLOWED: dict[frozenset[str], str] = {
-    # the training engine of issue 13 (branch i13a) replaces loop.py's call back into trainer.py
-    frozenset({"selfmask.training.loop", "selfmask.training.trainer"}): "issue 13, the training engine (i13a)",
 }
 
 Edge = tuple[str, str, int]  # (target module, file, line)

@@ -6,9 +6,12 @@ pretraining) and records a SHA-256 of every trained tensor (scores, weights, buf
 of the loss/accuracy history of each. Write the digests on the old code, check them on the new::
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python tools/engine_parity.py --write /tmp/parity.json   # before
+    (or PYTHONPATH=/path/to/old/checkout/src: the script uses only the public training calls)
     OMP_NUM_THREADS=1 PYTHONPATH=src python tools/engine_parity.py --check /tmp/parity.json   # after
 
-Exit status 1 names every run whose outputs changed.
+Exit status 1 names every run whose outputs changed. ``tools/engine_parity.main.json`` holds
+the digests of main before the engine refactor (commit 6cf9efa), written on the project's
+CPU machine (torch 2.13.0+cpu, one thread); other builds of torch may round differently.
 """
 
 from __future__ import annotations
@@ -68,19 +71,29 @@ def _summary(result, run_dir: Path | None = None) -> dict:
     return out
 
 
+def train_config(**kw):  # noqa: ANN003, ANN201
+    """A TrainConfig on old and new code alike: since issue 13 the mask settings are one object, ``mask``."""
+    from dataclasses import fields
+
+    if "mask" in {f.name for f in fields(TrainConfig)}:
+        mask = {k: kw.pop(k) for k in ("threshold", "init_score", "bn") if k in kw}
+        kw = {**kw, "mask": mask} if mask else kw
+    return TrainConfig(**kw)
+
+
 def _supervised(tmp: Path, name: str, **kw) -> dict:
     from selfmask.training.trainer import adapt
 
-    cfg = TrainConfig(epochs=2, batch_size=16, seed=3, warmup_epochs=0.5, **kw)
+    cfg = train_config(epochs=2, batch_size=16, seed=3, warmup_epochs=0.5, **kw)
     run = RunFolder(tmp / name).prepare()
     return _summary(adapt(_backbone(), INFO, DATA, cfg, run=run, progress=False), tmp / name)
 
 
-def _swav(tmp: Path, name: str, method: str, **kw) -> dict:
+def _swav(tmp: Path, name: str, method: str, train: dict | None = None, **kw) -> dict:
     from selfmask.training.ssl import adapt_swav
 
-    cfg = TrainConfig(method=method, objective="swav", epochs=2, batch_size=16, seed=5,
-                      lr=0.01 if method == "fft" else None)
+    cfg = train_config(method=method, objective="swav", epochs=2, batch_size=16, seed=5,
+                      lr=0.01 if method == "fft" else None, **(train or {}))
     swav = SwAVConfig(num_prototypes=8, projection_dim=16, freeze_prototypes_iters=2, **kw)
     crops = MultiCrop.for_input_size(32, seed=5, mean=INFO.mean, std=INFO.std, n_small=2)
     run = RunFolder(tmp / name).prepare()
@@ -94,7 +107,7 @@ class _Crash(Exception):
 def _resumed(tmp: Path) -> dict:
     from selfmask.training.trainer import adapt
 
-    cfg = TrainConfig(epochs=2, batch_size=16, seed=3, checkpoint_every=3, head="masked-random")
+    cfg = train_config(epochs=2, batch_size=16, seed=3, checkpoint_every=3, head="masked-random")
 
     def crash(row: dict) -> None:
         raise _Crash
@@ -129,6 +142,11 @@ def collect() -> dict[str, dict]:
         out["swav_mask"] = _swav(tmp, "swav_mask", "mask", freeze_backbone_iters=3, queue_length=32,
                                  queue_start_epoch=1)
         out["swav_fft"] = _swav(tmp, "swav_fft", "fft", queue_length=0)
+        out["bf16_channels_last"] = _supervised(tmp, "bf16", precision="bf16", channels_last=True,
+                                                head="masked-random")
+        out["swav_bf16_channels_last"] = _swav(tmp, "swav_bf16", "mask", {"precision": "bf16", "channels_last": True},
+                                               queue_length=0)
+        out["no_fast_masks"] = _supervised(tmp, "plain", method="topk", fast_masks=False, bn="eval")
         out["resumed"] = _resumed(tmp)
         out["pretrain"] = _pretrain()
     return out

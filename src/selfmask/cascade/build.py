@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,9 +52,10 @@ class Dispatcher:
         seed: the run's seed (a random base, ``weights`` None, is built after ``torch.manual_seed(seed)``).
         weights: the base weights the run recorded.
         embedding: the embedding the run recorded.
-        train: its training settings as written (``resolved_*`` keys dropped): the experts' starting point.
-        swav: its SwAV settings (empty: the defaults).
-        crops: its multi-crop settings (``None`` or a legacy ``{"type": ...}`` record: the defaults).
+        train: its training settings (a ``TrainConfig``; ``None``: the defaults): the experts' starting point.
+        swav: its SwAV settings (a ``SwAVConfig``; ``None``: the defaults).
+        crops: its multi-crop settings (a ``MultiCropConfig``; ``None`` or a legacy ``{"type": ...}`` record: the
+            defaults).
         steps: optimiser steps it took (see :func:`dispatcher_steps`).
     """
 
@@ -62,9 +63,9 @@ class Dispatcher:
     seed: int
     weights: str | None
     embedding: str | None
-    train: dict[str, Any]
-    swav: dict[str, Any]
-    crops: dict[str, Any] | None
+    train: Any
+    swav: Any
+    crops: Any
     steps: int
 
 
@@ -87,16 +88,18 @@ def dispatcher_steps(run_dir: Path) -> int:
 
 
 def read_dispatcher(path: str | Path) -> Dispatcher:
-    """The one place the cascade reads the dispatcher's ``config.json``; refuses a run without masks."""
-    from selfmask.training.run_folder import read_run_config, run_embedding
+    """What the cascade takes from the dispatcher's ``config.json`` (the typed run-config reader); refuses a run
+    without masks."""
+    from selfmask.objectives import SwAVConfig
+    from selfmask.training.run_folder import read_run_config
 
     path = Path(path)
     dcfg = read_run_config(path)
-    if not dcfg.get("mask"):
+    if dcfg.mask is None:
         raise SelfmaskError(f"dispatcher {str(path)!r} trained no masks; the cascade needs an SMN run")
-    train = {k: v for k, v in (dcfg.get("train") or {}).items() if k not in ("resolved_lr", "resolved_weight_decay")}
-    return Dispatcher(path=path, seed=int(dcfg["seed"]), weights=dcfg.get("weights"), embedding=run_embedding(dcfg),
-                      train=train, swav=dcfg.get("swav") or {}, crops=dcfg.get("crops"), steps=dispatcher_steps(path))
+    swav = dcfg.objective_config if isinstance(dcfg.objective_config, SwAVConfig) else None
+    return Dispatcher(path=path, seed=dcfg.seed, weights=dcfg.weights, embedding=dcfg.embedding, train=dcfg.train,
+                      swav=swav, crops=dcfg.crops, steps=dispatcher_steps(path))
 
 
 def _base_backbone(d: Dispatcher, info: BackboneInfo) -> torch.nn.Module:
@@ -155,15 +158,14 @@ def expert_schedule(d: Dispatcher, group: int, n: int, cfg: CascadeConfig) -> Ex
     from selfmask.training.config import TrainConfig
 
     seed = cfg.seed + 1 + group
-    bs = min(int(d.train.get("batch_size", 64)), n)
+    train = d.train or TrainConfig()
+    bs = min(train.batch_size, n)
     steps_per_epoch = max(1, n // bs)
     epochs = max(1, round(d.steps / steps_per_epoch))
-    warmup = float(d.train.get("warmup_epochs", 0.0) or 0.0) * epochs / max(1, int(d.train.get("epochs", 1)))
-    tcfg = TrainConfig.from_dict({**d.train, "init_from": str(d.path), "seed": seed, "epochs": epochs,
-                                  "checkpoint_every": 0, "warmup_epochs": warmup if warmup < epochs else 0.0,
-                                  "objective": "swav"})
-    swav = SwAVConfig.from_dict({**d.swav, "queue_length": min(int(d.swav.get("queue_length", 0)), n)}
-                                if d.swav else {})
+    warmup = train.warmup_epochs * epochs / max(1, train.epochs)
+    tcfg = replace(train, init_from=str(d.path), seed=seed, epochs=epochs, checkpoint_every=0,
+                   warmup_epochs=warmup if warmup < epochs else 0.0, objective="swav")
+    swav = replace(d.swav, queue_length=min(d.swav.queue_length, n)) if d.swav is not None else SwAVConfig()
     return ExpertSchedule(seed, bs, steps_per_epoch, epochs, tcfg, swav)
 
 
@@ -171,11 +173,9 @@ def _multicrop(d: Dispatcher, info: BackboneInfo, seed: int):  # noqa: ANN202
     """The dispatcher's multi-crop settings with ``seed`` (its defaults for the backbone when it recorded none)."""
     from selfmask.data.multicrop import MultiCrop, MultiCropConfig
 
-    if not d.crops or d.crops.get("type"):
+    if not isinstance(d.crops, MultiCropConfig):
         return MultiCrop.for_input_size(info.input_size, seed=seed, mean=info.mean, std=info.std)
-    known = {f.name for f in fields(MultiCropConfig)}
-    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d.crops.items() if k in known}
-    return MultiCrop(MultiCropConfig(**kw), seed=seed)
+    return MultiCrop(d.crops, seed=seed)
 
 
 def train_expert(
@@ -239,9 +239,9 @@ def build_cascade(
     if (out / "cascade.json").exists() and not overwrite:
         raise SelfmaskError(f"{out / 'cascade.json'} exists; pass overwrite=True (--overwrite) to rebuild it")
     d = read_dispatcher(dispatcher)
-    if d.train.get("objective") != "swav":
-        log.warning("dispatcher %s was trained with objective %r; experts are trained with SwAV",
-                    d.path, d.train.get("objective"))
+    objective = d.train.objective if d.train is not None else None
+    if objective != "swav":
+        log.warning("dispatcher %s was trained with objective %r; experts are trained with SwAV", d.path, objective)
     if len(train_set) < cfg.num_experts:
         raise SelfmaskError(f"cascade: {cfg.num_experts} experts asked for, but the training set "
                             f"{train_set.name!r} has only {len(train_set)} images")

@@ -38,8 +38,9 @@ Each step the engine calls, in order::
   ``images_per_second``). Per-process state that must be summed over processes (prototype
   usage) is reduced there by the objective itself (``resolve_all_reduce``).
 * ``param_groups(lr)`` lists the objective's own trainable parameters as SGD parameter
-  groups (``lr`` is the learning rate of the backbone's first group; the objective may use
-  its own). They follow the backbone's groups in the optimiser.
+  groups (``lr`` is the run's base learning rate, ``cfg.resolved_lr``; the objective may use
+  its own). They follow the backbone's groups in the optimiser; every group follows the
+  warm-up/cosine schedule.
 * ``after_optimizer_step`` runs after every optimiser step: prototype normalisation, a
   momentum teacher's update, a queue's bookkeeping.
 * ``checkpoint_modules()`` names the modules whose ``state_dict`` every checkpoint holds

@@ -5,12 +5,18 @@ A new objective is one module defining a class that satisfies
 below (or ``@register_objective("name")`` on the factory). A factory takes
 :class:`ObjectiveInputs` and returns the objective; it runs right after
 ``torch.manual_seed(cfg.seed)``, so the modules it creates start from the run's seed.
+
+An objective with a recipe names its settings dataclass at registration
+(``register_objective("swav", settings="selfmask.objectives.swav:SwAVConfig")``, a class or a
+lazy ``"module:Class"``): :func:`objective_settings` gives it to the command line and the run
+configuration, and :func:`create_objective` turns a config file's dict into it (``from_dict``)
+before the factory sees it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from selfmask.errors import SelfmaskError
@@ -41,18 +47,37 @@ class ObjectiveInputs:
 ObjectiveFactory = Callable[[ObjectiveInputs], Objective]
 
 _FACTORIES: dict[str, ObjectiveFactory] = {}
+_SETTINGS: dict[str, type | str | None] = {}
 
 
-def register_objective(name: str) -> Callable[[ObjectiveFactory], ObjectiveFactory]:
-    """Decorator: register ``factory`` under ``name`` (a second registration of a name is refused)."""
+def register_objective(name: str, settings: type | str | None = None) -> Callable[[ObjectiveFactory], ObjectiveFactory]:
+    """Decorator: register ``factory`` under ``name`` (a second registration of a name is refused).
+
+    ``settings``: the objective's settings dataclass, or ``"module:Class"`` imported when first
+    asked for; ``None`` for an objective without a recipe.
+    """
 
     def decorate(factory: ObjectiveFactory) -> ObjectiveFactory:
         if name in _FACTORIES:
             raise SelfmaskError(f"objective {name!r} is registered twice")
         _FACTORIES[name] = factory
+        _SETTINGS[name] = settings
         return factory
 
     return decorate
+
+
+def objective_settings(name: str) -> type | None:
+    """The settings dataclass of objective ``name`` (``None``: it takes no settings)."""
+    get_factory(name)  # an unknown name: the one clear error
+    settings = _SETTINGS.get(name)
+    if isinstance(settings, str):
+        import importlib
+
+        module, attr = settings.split(":")
+        settings = getattr(importlib.import_module(module), attr)
+        _SETTINGS[name] = settings
+    return settings
 
 
 def objective_names() -> tuple[str, ...]:
@@ -69,8 +94,12 @@ def get_factory(name: str) -> ObjectiveFactory:
 
 
 def create_objective(name: str, inputs: ObjectiveInputs) -> Objective:
-    """Build the objective registered as ``name`` from ``inputs``."""
-    return get_factory(name)(inputs)
+    """Build the objective registered as ``name`` from ``inputs`` (a dict of settings is read first)."""
+    factory = get_factory(name)
+    settings_class = objective_settings(name)
+    if isinstance(inputs.settings, dict) and settings_class is not None:
+        inputs = replace(inputs, settings=settings_class.from_dict(inputs.settings))
+    return factory(inputs)
 
 
 def _supervised(inputs: ObjectiveInputs) -> Objective:
@@ -84,8 +113,6 @@ def _swav(inputs: ObjectiveInputs) -> Objective:
     from selfmask.objectives.swav import MultiCropSwAV, SwAVConfig, validate_queue
 
     settings = inputs.settings or SwAVConfig()
-    if isinstance(settings, dict):
-        settings = SwAVConfig.from_dict(settings)
     n = len(inputs.train_set)
     validate_queue(settings, n, min(inputs.cfg.batch_size, n))
     return MultiCropSwAV(inputs.info.embed_dim, settings, inputs.crops or default_crops(inputs))
@@ -106,8 +133,8 @@ def _dino(inputs: ObjectiveInputs) -> Objective:
 
 
 register_objective("supervised")(_supervised)
-register_objective("swav")(_swav)
-register_objective("dino")(_dino)
+register_objective("swav", settings="selfmask.objectives.swav:SwAVConfig")(_swav)
+register_objective("dino", settings="selfmask.objectives.dino:DINOConfig")(_dino)
 
 
 __all__ = [
@@ -117,5 +144,6 @@ __all__ = [
     "default_crops",
     "get_factory",
     "objective_names",
+    "objective_settings",
     "register_objective",
 ]

@@ -5,8 +5,7 @@ self-supervised masking (SwAV, ...) and pretraining.
 module's docstring) over a dataset of images::
 
     backbone, objective, mcfg, groups = prepare_training(backbone, info, cfg, make_objective)
-    history, steps = train(backbone, objective, dataset, EngineConfig.from_train_config(cfg),
-                           param_groups=groups, run=run)
+    history, steps = train(backbone, objective, dataset, cfg, param_groups=groups, run=run)
 
 The engine owns what is the same for every objective: the device, fast-path options
 (channels-last, flat masks, ``torch.compile``), DDP, the SGD optimiser over the
@@ -50,45 +49,6 @@ from selfmask.training.loop import LoopSpec, run_epochs, steps_per_epoch
 from selfmask.training.schedule import make_scheduler
 
 log = logging.getLogger("selfmask.train")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """How the engine trains: the settings every objective shares.
-
-    Attributes:
-        epochs, batch_size, seed: passes over the data, the global batch, the seed of the
-            data order and of the augmentation generator.
-        momentum, warmup_epochs: SGD momentum; linear warm-up (in epochs) before the cosine decay.
-        checkpoint_every: a resumable checkpoint every this many steps (0: at epoch ends only).
-        device, precision, channels_last, compile, fast_masks: see :class:`TrainConfig`.
-        drop_last: drop the last partial batch (BatchNorm); ``False`` trains on it too.
-        backbone_trains: ``False`` keeps the backbone in eval mode (a linear probe reads
-            BatchNorm running statistics as at evaluation).
-    """
-
-    epochs: int
-    batch_size: int
-    seed: int = 0
-    momentum: float = 0.9
-    warmup_epochs: float = 0.0
-    checkpoint_every: int = 0
-    device: str = "cpu"
-    precision: str = "fp32"
-    channels_last: bool = False
-    compile: bool = False
-    fast_masks: bool = True
-    drop_last: bool = True
-    backbone_trains: bool = True
-
-    @classmethod
-    def from_train_config(cls, cfg: TrainConfig) -> EngineConfig:
-        return cls(
-            epochs=cfg.epochs, batch_size=cfg.batch_size, seed=cfg.seed, momentum=cfg.momentum,
-            warmup_epochs=cfg.warmup_epochs, checkpoint_every=cfg.checkpoint_every, device=cfg.device,
-            precision=cfg.precision, channels_last=cfg.channels_last, compile=cfg.compile,
-            fast_masks=cfg.fast_masks, backbone_trains=cfg.method != "linear",
-        )
 
 
 @dataclass
@@ -160,7 +120,7 @@ def prepare_training(
     return backbone, objective, mcfg, groups
 
 
-def speed_setup(backbone: nn.Module, cfg: TrainConfig | EngineConfig, *extra: nn.Module) -> None:
+def speed_setup(backbone: nn.Module, cfg: TrainConfig, *extra: nn.Module) -> None:
     """The fast-path options that change modules in place: channels-last storage and flat masks.
 
     Under ``cfg.compile`` the masks keep the per-layer path, which ``torch.compile`` traces and
@@ -176,7 +136,7 @@ def speed_setup(backbone: nn.Module, cfg: TrainConfig | EngineConfig, *extra: nn
 
 
 def wrap_for_training(
-    model: nn.Module, cfg: TrainConfig | EngineConfig, ctx: DistContext, find_unused: bool = False
+    model: nn.Module, cfg: TrainConfig, ctx: DistContext, find_unused: bool = False
 ) -> nn.Module:
     """``model`` under DDP (distributed runs) and ``torch.compile`` (``cfg.compile``)."""
     model = wrap_ddp(model, ctx, find_unused_parameters=find_unused)
@@ -186,7 +146,7 @@ def wrap_for_training(
 
 
 @contextlib.contextmanager
-def autocast_for(cfg: TrainConfig | EngineConfig, dev: torch.device) -> Iterator[None]:
+def autocast_for(cfg: TrainConfig, dev: torch.device) -> Iterator[None]:
     """bfloat16 autocast around a forward pass when ``cfg.precision == "bf16"``."""
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
         yield
@@ -213,23 +173,23 @@ class ObjectiveStep(nn.Module):
 
     def __init__(self, backbone: nn.Module, objective: Objective, channels_last: bool = False) -> None:
         super().__init__()
-        self.backbone = backbone
+        self.backbone = ChannelsLast(backbone) if channels_last else backbone
         self.objective = objective
-        self.view = ChannelsLast(backbone) if channels_last else backbone
 
     def forward(
         self, views: Any, labels: torch.Tensor | None, epoch: int, step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        return self.objective.step(self.view, views, labels, epoch=epoch, step=step)
+        return self.objective.step(self.backbone, views, labels, epoch=epoch, step=step)
 
 
 def train(
     backbone: nn.Module,
     objective: Objective,
     data: ImageTensorDataset,
-    cfg: EngineConfig,
+    cfg: TrainConfig,
     *,
     param_groups: list[dict[str, Any]] | None = None,
+    drop_last: bool = True,
     run: Any = None,
     resume: bool = False,
     progress: bool = True,
@@ -248,9 +208,15 @@ def train(
         backbone: prepared for its method (masks attached, or weights trainable/frozen).
         objective: anything satisfying :class:`~selfmask.objectives.base.Objective`.
         data: the training images (and labels, read only when ``objective.needs_labels``).
-        cfg: the shared settings (:meth:`EngineConfig.from_train_config`).
+        cfg: the run's settings; the engine reads the shared ones: ``epochs``, ``batch_size``,
+            ``seed`` (data order, augmentation), ``momentum``, ``warmup_epochs``,
+            ``checkpoint_every``, ``device``, ``precision``, ``channels_last``, ``compile``,
+            ``fast_masks``, ``resolved_lr`` (passed to ``objective.param_groups``) and ``method``
+            (``linear`` keeps the backbone in eval mode: a linear probe reads BatchNorm
+            running statistics as at evaluation).
         param_groups: the backbone's SGD groups (scores, or all weights); the objective's
-            ``param_groups(lr)`` are appended after them.
+            ``param_groups(cfg.resolved_lr)`` are appended after them.
+        drop_last: drop the last partial batch (BatchNorm); ``False`` trains on it too.
         run: a :class:`~selfmask.training.run_folder.RunFolder` (rank 0 writes status,
             metrics, log and checkpoints), or ``None``.
         resume: continue from ``run``'s ``checkpoint.pt`` (checked against ``fingerprint``).
@@ -280,9 +246,8 @@ def train(
     speed_setup(backbone, cfg, objective)
     model = wrap_for_training(ObjectiveStep(backbone, objective, cfg.channels_last), cfg, ctx,
                               find_unused=bool(getattr(objective, "find_unused_parameters", False)))
-    base_lr = param_groups[0]["lr"] if param_groups else 0.0
-    opt = make_optimizer(list(param_groups or []) + objective.param_groups(base_lr), cfg.momentum)
-    per_epoch = steps_per_epoch(n, cfg.batch_size, cfg.drop_last)
+    opt = make_optimizer(list(param_groups or []) + objective.param_groups(cfg.resolved_lr), cfg.momentum)
+    per_epoch = steps_per_epoch(n, cfg.batch_size, drop_last)
     sched = make_scheduler(opt, per_epoch * cfg.epochs, round(cfg.warmup_epochs * per_epoch))
     gen = generator if generator is not None else torch.Generator().manual_seed(rank_seed(cfg.seed, ctx))
     masked = is_masked(backbone)
@@ -296,7 +261,7 @@ def train(
             return model(views, y, epoch, step)
 
     def set_train_mode() -> None:
-        backbone.train(cfg.backbone_trains)
+        backbone.train(cfg.method != "linear")
         objective.train()
 
     def epoch_row(sums: dict[str, float], epoch: int) -> dict[str, Any]:
@@ -313,7 +278,7 @@ def train(
         set_train_mode=set_train_mode, epoch_row=epoch_row,
         after_step=lambda step: objective.after_optimizer_step(backbone, step=step),
         extra_state=objective.extra_state(), checkpoint_every=cfg.checkpoint_every, desc=desc,
-        progress=progress and ctx.is_main, dist=ctx, order=order, drop_last=cfg.drop_last,
+        progress=progress and ctx.is_main, dist=ctx, order=order, drop_last=drop_last,
     )
     if write_config is not None and run is not None and not resume and ctx.is_main:
         write_config()
@@ -343,7 +308,6 @@ def finish(result: TrainResult, run: Any, steps: int) -> TrainResult:
 
 
 __all__ = [
-    "EngineConfig",
     "ObjectiveStep",
     "TrainResult",
     "finish",

@@ -25,8 +25,9 @@ from selfmask.errors import SelfmaskError
 from selfmask.io import atomic_save_safetensors
 from selfmask.objectives.supervised import SupervisedObjective
 from selfmask.training.augment import random_shift_flip
+from selfmask.training.config import TrainConfig
 from selfmask.training.distributed import SINGLE
-from selfmask.training.engine import EngineConfig, train
+from selfmask.training.engine import train
 
 DEFAULT_PRETRAIN_BACKBONE = "resnet_tiny"
 DEFAULT_PRETRAIN_EPOCHS = 6  # 90,000 image passes: ~2 min at the ~800 img/s resnet_tiny trains at on 2 idle cores
@@ -58,7 +59,7 @@ def pretrain_supervised(
         lr: peak SGD learning rate (``momentum``, ``weight_decay`` on every parameter).
         augment: random shift by up to ``pad`` pixels (reflect padding), plus a horizontal flip if
             ``flip`` (off by default: a mirrored glyph can be another class, b/d).
-        progress: a tqdm bar per epoch with loss and images/s.
+        progress: a tqdm bar per epoch on a terminal; elsewhere one plain line per epoch.
         log: called with one line per epoch.
 
     Returns:
@@ -94,12 +95,11 @@ def pretrain_supervised(
             )
 
     n = len(dataset)
+    cfg = TrainConfig(method="fft", epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, seed=seed, device=str(device))  # all weights train
     history, _steps = train(
-        model, objective, dataset,
-        EngineConfig(epochs=epochs, batch_size=batch_size, seed=seed, momentum=momentum, device=str(device),
-                     drop_last=False),
-        param_groups=groups, progress=progress, on_epoch=report, desc="pretrain",
-        order=lambda _epoch: torch.randperm(n, generator=gen), generator=gen, dist=SINGLE,
+        model, objective, dataset, cfg, param_groups=groups, drop_last=False, progress=progress, on_epoch=report,
+        desc="pretrain", order=lambda _epoch: torch.randperm(n, generator=gen), generator=gen, dist=SINGLE,
     )
     model.eval()
     return model, [{k: v for k, v in row.items() if k != "step"} for row in history]

@@ -24,7 +24,7 @@ from selfmask.backbones.registry import BackboneInfo
 from selfmask.data.base import ImageTensorDataset
 from selfmask.errors import SelfmaskError
 from selfmask.objectives import SwAVConfig
-from selfmask.objectives.registry import ObjectiveInputs, create_objective, default_crops
+from selfmask.objectives.registry import ObjectiveInputs, create_objective, default_crops, get_factory
 from selfmask.training.config import TrainConfig
 from selfmask.training.distributed import (
     DistContext,
@@ -33,7 +33,7 @@ from selfmask.training.distributed import (
     shard_range,
     training_device,
 )
-from selfmask.training.engine import EngineConfig, TrainResult, finish, prepare_training, train
+from selfmask.training.engine import TrainResult, finish, prepare_training, train
 from selfmask.training.identity import with_run_identity
 from selfmask.training.run_folder import RunFolder, write_run_config
 
@@ -77,13 +77,15 @@ def adapt_ssl(
         online_eval: a k-NN on a labelled split every few epochs, added to the metrics.
     """
     name = cfg.objective if objective is None else objective
+    if name == "supervised":
+        raise SelfmaskError("adapt_ssl(): the supervised objective is trained by adapt()")
+    get_factory(name)  # an unknown objective: one clear error before anything is set up
     if cfg.method not in ("mask", "topk", "fft"):
         raise SelfmaskError(f"self-supervised training needs method mask, topk or fft, got {cfg.method!r}")
     n = len(train_set)
     if min(cfg.batch_size, n) < 2:
         raise SelfmaskError(f"{name}: self-supervised training needs batches of at least 2 images; the training set has {n}")
-    inputs = ObjectiveInputs(info, train_set, cfg, settings, crops)
-    crops = crops or default_crops(inputs)  # drawn before the seed, as the SwAV loop always did
+    crops = crops or default_crops(ObjectiveInputs(info, train_set, cfg))  # made before the seed, as always
     inputs = ObjectiveInputs(info, train_set, cfg, settings, crops)
     backbone, obj, mcfg, groups = prepare_training(backbone, info, cfg, lambda: create_objective(name, inputs))
     recipe = obj.config_dict()
@@ -100,7 +102,7 @@ def adapt_ssl(
         return {"online_knn": _online_knn(backbone, info, online_eval, training_device(cfg.device, ctx), ctx)}
 
     history, steps = train(
-        backbone, obj, train_set, EngineConfig.from_train_config(cfg), param_groups=groups, run=run, resume=resume,
+        backbone, obj, train_set, cfg, param_groups=groups, run=run, resume=resume,
         progress=progress, on_epoch=on_epoch, epoch_extra=online_knn, desc=f"{obj.name} {cfg.method}",
         write_config=lambda: write_run_config(run, info, train_set, 0, cfg, mcfg, run_meta,
                                               **{name: recipe, "crops": _crops_dict(crops)}),

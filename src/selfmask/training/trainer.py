@@ -26,7 +26,6 @@ from selfmask.objectives.registry import ObjectiveInputs, create_objective
 from selfmask.training.config import TrainConfig
 from selfmask.training.distributed import current_context, training_device
 from selfmask.training.engine import (
-    EngineConfig,
     TrainResult,
     finish,
     prepare_backbone,
@@ -93,7 +92,7 @@ def adapt(
         training_device(cfg.device, ctx), ctx.world_size,
     )
     history, steps = train(
-        backbone, objective, data, EngineConfig.from_train_config(cfg), param_groups=groups, run=run, resume=resume,
+        backbone, objective, data, cfg, param_groups=groups, run=run, resume=resume,
         progress=progress, on_epoch=on_epoch, desc=cfg.method,
         write_config=lambda: write_run_config(run, info, train_set, len(data), cfg, mcfg, run_meta),
         fingerprint=with_run_identity(cfg.to_dict(), info.name, run_meta),
