@@ -454,15 +454,13 @@ def build_dino(inputs: Any, crops: Any) -> DINOObjective:
     The momentum schedule spans the run's optimiser steps; the teacher backbone is copied from the
     student at the first step (the engine attaches the masks after building objectives).
     """
-    from selfmask.training.loop import steps_per_epoch
-
     settings = inputs.settings if inputs.settings is not None else DINOConfig()
     if isinstance(settings, dict):
         settings = DINOConfig.from_dict(settings)
     if not isinstance(settings, DINOConfig):
         raise SelfmaskError(f"objective 'dino': settings must be a DINOConfig or a dict, got {type(settings).__name__}")
-    cfg = inputs.cfg
-    total = steps_per_epoch(len(inputs.train_set), cfg.batch_size) * cfg.epochs
+    cfg, n = inputs.cfg, len(inputs.train_set)
+    total = max(1, n // min(cfg.batch_size, n)) * cfg.epochs  # the engine drops the last partial batch
     return DINOObjective(inputs.info.embed_dim, settings, crops=crops, total_steps=total)
 
 
