@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -358,8 +359,6 @@ def _adapt_dino(run, resume: bool = False):  # noqa: ANN001, ANN202
 
 
 def test_dino_trains_masks_through_the_engine_and_resumes_bit_identically(tmp_path, monkeypatch) -> None:
-    import json
-
     from selfmask.training import loop
     from selfmask.training.run_folder import RunFolder
 
@@ -418,3 +417,25 @@ def test_dino_pretrains_all_weights_through_the_engine() -> None:
     assert math.isfinite(result.history[-1]["loss"]) and result.history[-1]["step"] == 2
     after = result.backbone.state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in before if k.endswith("conv1.weight"))
+
+
+def test_selfmask_adapt_objective_dino_trains_masks_on_embedded_data(tmp_path, capsys) -> None:
+    from selfmask.cli.main import main
+    from selfmask.training.run_folder import read_run_config
+
+    out = tmp_path / "dino"
+    args = ["adapt", "--data", "embedded-tiny", "--backbone", "resnet_tiny", "--method", "mask", "--objective", "dino",
+            "--epochs", "1", "--lr", "1", "--head-batchnorm", "--out-dim", "32", "--freeze-last-layer-iters", "1",
+            "--no-probe", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    assert "knn_accuracy" in json.loads((out / "results.json").read_text())
+    saved = read_run_config(out)
+    assert saved.train.objective == "dino" and saved.objective_config == _cfg(
+        out_dim=32, hidden_dim=256, bottleneck_dim=64, freeze_last_layer_iters=1, head_batchnorm=True)
+    assert (out / "scores.safetensors").is_file()
+    capsys.readouterr()
+    bad = args[:-1] + [str(tmp_path / "bad"), "--teacher-temperature", "0"]
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].endswith("DINOConfig.teacher_temperature: expected a finite number > 0, got 0.0")
+    assert not (tmp_path / "bad").exists()
