@@ -68,6 +68,14 @@ def _swav(backbone, info, data, cfg, **kw):  # noqa: ANN001, ANN003, ANN202
     return adapt_swav(backbone, info, data, cfg, swav, crops=tiny_crops(info, cfg.seed), progress=False, **kw)
 
 
+def _dino(backbone, info, data, cfg, **kw):  # noqa: ANN001, ANN003, ANN202
+    from selfmask.objectives.dino import DINOConfig
+    from selfmask.training.ssl import adapt_ssl
+
+    dino = DINOConfig(out_dim=16, hidden_dim=16, bottleneck_dim=8, freeze_last_layer_iters=1, head_batchnorm=True)
+    return adapt_ssl(backbone, info, data, cfg, dino, crops=tiny_crops(info, cfg.seed), progress=False, **kw)
+
+
 @dataclass(frozen=True)
 class Objective:
     """One training objective of the matrix.
@@ -89,6 +97,7 @@ class Objective:
 OBJECTIVES = [
     Objective("supervised", ("mask", "topk", "fft", "linear"), _supervised),
     Objective("swav", ("mask", "topk", "fft"), _swav),
+    Objective("dino", ("mask", "topk", "fft"), _dino),
 ]
 
 CASES = [

@@ -197,7 +197,7 @@ def test_an_objectives_config_dataclass_gets_its_flag_group_without_cli_edits(mo
         assert by["--toy-width"].group == "toy" and by["--toy-momentum"].spec.help == "teacher momentum."
         assert by["--momentum"].group == "train"
         shared = by["--freeze-backbone-iters"]  # SwAV's flag keeps its name and sets the run's objective's field
-        assert shared.objectives == ("swav", "toy") and "--swav-freeze-backbone-iters" not in by
+        assert shared.objectives == ("dino", "swav", "toy") and "--swav-freeze-backbone-iters" not in by
         assert flags.grouped({"freeze_backbone_iters": 5}, "toy") == {"toy": {"freeze_backbone_iters": 5}}
         with pytest.raises(SelfmaskError, match=r"--toy-width only apply to --objective toy"):
             from selfmask.cli.adapt import _new_job

@@ -53,7 +53,9 @@ class Dispatcher:
         weights: the base weights the run recorded.
         embedding: the embedding the run recorded.
         train: its training settings (a ``TrainConfig``; ``None``: the defaults): the experts' starting point.
-        swav: its SwAV settings (a ``SwAVConfig``; ``None``: the defaults).
+        objective: its self-supervised objective (``swav``, ``dino``, ...), which the experts train with
+            too (SwAV for a dispatcher trained with labels).
+        settings: that objective's settings (a ``SwAVConfig``, a ``DINOConfig``, ...; ``None``: the defaults).
         crops: its multi-crop settings (a ``MultiCropConfig``; ``None`` or a legacy ``{"type": ...}`` record: the
             defaults).
         steps: optimiser steps it took (see :func:`dispatcher_steps`).
@@ -64,7 +66,8 @@ class Dispatcher:
     weights: str | None
     embedding: str | None
     train: Any
-    swav: Any
+    objective: str
+    settings: Any
     crops: Any
     steps: int
 
@@ -90,16 +93,20 @@ def dispatcher_steps(run_dir: Path) -> int:
 def read_dispatcher(path: str | Path) -> Dispatcher:
     """What the cascade takes from the dispatcher's ``config.json`` (the typed run-config reader); refuses a run
     without masks."""
-    from selfmask.objectives import SwAVConfig
     from selfmask.training.run_folder import read_run_config
 
     path = Path(path)
     dcfg = read_run_config(path)
     if dcfg.mask is None:
         raise SelfmaskError(f"dispatcher {str(path)!r} trained no masks; the cascade needs an SMN run")
-    swav = dcfg.objective_config if isinstance(dcfg.objective_config, SwAVConfig) else None
+    objective = dcfg.train.objective if dcfg.train is not None else "supervised"
+    if objective == "supervised":
+        log.warning("dispatcher %s was trained with objective %r; experts are trained with SwAV", path, objective)
+        objective, settings = "swav", None
+    else:
+        settings = dcfg.objective_config
     return Dispatcher(path=path, seed=dcfg.seed, weights=dcfg.weights, embedding=dcfg.embedding, train=dcfg.train,
-                      swav=swav, crops=dcfg.crops, steps=dispatcher_steps(path))
+                      objective=objective, settings=settings, crops=dcfg.crops, steps=dispatcher_steps(path))
 
 
 def _base_backbone(d: Dispatcher, info: BackboneInfo) -> torch.nn.Module:
@@ -146,7 +153,8 @@ class ExpertSchedule:
     steps_per_epoch: int
     epochs: int
     train: Any  # TrainConfig
-    swav: Any  # SwAVConfig
+    objective: str  # the dispatcher's self-supervised objective
+    settings: Any  # its settings (SwAVConfig, DINOConfig, ...; None: the defaults)
 
 
 def expert_schedule(d: Dispatcher, group: int, n: int, cfg: CascadeConfig) -> ExpertSchedule:
@@ -164,9 +172,11 @@ def expert_schedule(d: Dispatcher, group: int, n: int, cfg: CascadeConfig) -> Ex
     epochs = max(1, round(d.steps / steps_per_epoch))
     warmup = train.warmup_epochs * epochs / max(1, train.epochs)
     tcfg = replace(train, init_from=str(d.path), seed=seed, epochs=epochs, checkpoint_every=0,
-                   warmup_epochs=warmup if warmup < epochs else 0.0, objective="swav")
-    swav = replace(d.swav, queue_length=min(d.swav.queue_length, n)) if d.swav is not None else SwAVConfig()
-    return ExpertSchedule(seed, bs, steps_per_epoch, epochs, tcfg, swav)
+                   warmup_epochs=warmup if warmup < epochs else 0.0, objective=d.objective)
+    settings = d.settings
+    if d.objective == "swav":  # the SwAV queue is at most the group long
+        settings = replace(settings, queue_length=min(settings.queue_length, n)) if settings else SwAVConfig()
+    return ExpertSchedule(seed, bs, steps_per_epoch, epochs, tcfg, d.objective, settings)
 
 
 def _multicrop(d: Dispatcher, info: BackboneInfo, seed: int):  # noqa: ANN202
@@ -194,7 +204,7 @@ def train_expert(
     from selfmask.storage import save_mask
     from selfmask.storage.apply import changed_buffers
     from selfmask.training.run_folder import RunFolder
-    from selfmask.training.ssl import adapt_swav
+    from selfmask.training.ssl import adapt_ssl
 
     n = len(subset)
     plan = expert_schedule(d, group, n, cfg)
@@ -202,8 +212,9 @@ def train_expert(
     backbone = _base_backbone(d, info)
     run = RunFolder(out / "runs" / expert_name(group), overwrite=True).prepare()
     start = time.perf_counter()
-    result = adapt_swav(backbone, info, subset, plan.train, plan.swav, crops=crops, run=run,
-                        run_meta={"weights": d.weights, "cascade_group": group, "base_seed": d.seed}, progress=progress)
+    result = adapt_ssl(backbone, info, subset, plan.train, plan.settings, objective=plan.objective, crops=crops,
+                       run=run, run_meta={"weights": d.weights, "cascade_group": group, "base_seed": d.seed},
+                       progress=progress)
     # straight from the trained model: a run folder rebuilds a random base (weights null) from the
     # run's own seed, while an expert's base is the dispatcher's
     save_mask(result.backbone, out / f"{expert_name(group)}.mask", backbone=info.name,
@@ -239,9 +250,6 @@ def build_cascade(
     if (out / "cascade.json").exists() and not overwrite:
         raise SelfmaskError(f"{out / 'cascade.json'} exists; pass overwrite=True (--overwrite) to rebuild it")
     d = read_dispatcher(dispatcher)
-    objective = d.train.objective if d.train is not None else None
-    if objective != "swav":
-        log.warning("dispatcher %s was trained with objective %r; experts are trained with SwAV", d.path, objective)
     if len(train_set) < cfg.num_experts:
         raise SelfmaskError(f"cascade: {cfg.num_experts} experts asked for, but the training set "
                             f"{train_set.name!r} has only {len(train_set)} images")

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_data_args(p, default="embedded-pretrain")
     p.add_argument("--backbone", default="resnet_tiny")
     p.add_argument("--epochs", type=int, default=15)
-    p.add_argument("--objective", default="supervised", help="supervised | swav (self-supervised, no labels)")
+    p.add_argument("--objective", default="supervised", help="supervised | swav | dino (swav and dino: self-supervised, no labels)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: supervised 0.1, swav 0.3)")
     p.add_argument("--prototypes", type=int, default=100, help="SwAV prototypes (default 100 for the small data)")
     p.add_argument("--seed", type=int, default=0)

@@ -7,8 +7,13 @@ from typing import Any
 
 from selfmask.errors import SelfmaskError
 
-#: Objectives ``selfmask pretrain`` offers.
-PRETRAIN_OBJECTIVES = ("supervised", "swav")
+def pretrain_objectives() -> tuple[str, ...]:
+    """Objectives ``selfmask pretrain`` offers: supervised, SwAV with its recipe scaled to the data
+    (:func:`pretrain_swav`), and every other registered self-supervised objective (:func:`pretrain_ssl`,
+    e.g. ``dino``)."""
+    from selfmask.objectives.registry import objective_names
+
+    return tuple(objective_names())
 
 
 def pretrain_swav(train: Any, *, backbone: str, epochs: int, lr: float | None = None, prototypes: int = 100,
@@ -39,6 +44,32 @@ def pretrain_swav(train: Any, *, backbone: str, epochs: int, lr: float | None = 
     return result.backbone, result.history
 
 
+def pretrain_ssl(train: Any, *, backbone: str, objective: str, epochs: int, lr: float | None = None, seed: int = 0,
+                 device: str = "cpu", progress: bool = True) -> tuple[Any, list[dict[str, Any]]]:
+    """Pretrain every weight from a random initialisation with a registered self-supervised ``objective``
+    (its default settings; DINO with the BatchNorm head its masks needed on this benchmark, docs/dino.md).
+    Returns ``(backbone, history)``."""
+    import torch
+
+    from selfmask.backbones import backbone_info, build_backbone
+    from selfmask.objectives.registry import objective_settings
+    from selfmask.training.config import TrainConfig
+    from selfmask.training.ssl import adapt_ssl
+
+    info = backbone_info(backbone)
+    torch.manual_seed(seed)
+    model = build_backbone(backbone)
+    settings_cls = objective_settings(objective)
+    steps = max(1, len(train) // 64) * epochs
+    settings = None
+    if settings_cls is not None and objective == "dino":
+        settings = settings_cls(head_batchnorm=True, freeze_last_layer_iters=max(1, steps // 20))
+    cfg = TrainConfig(method="fft", objective=objective, epochs=epochs, lr=lr or 0.03, weight_decay=1e-4,
+                      warmup_epochs=min(1.0, epochs / 10), seed=seed, device=device)
+    result = adapt_ssl(model, info, train, cfg, settings, objective=objective, progress=progress)
+    return result.backbone, result.history
+
+
 def run_pretrain(*, data: str, backbone: str, objective: str, epochs: int, out: Path, lr: float | None = None,
                  prototypes: int = 100, seed: int = 0, device: str = "cpu", overwrite: bool = False,
                  cache_dir: Path | None = None, progress: bool = True) -> list[dict[str, Any]]:
@@ -57,12 +88,15 @@ def run_pretrain(*, data: str, backbone: str, objective: str, epochs: int, out: 
     if out.suffix != ".safetensors":
         raise SelfmaskError(f"--out {str(out)!r}: expected a .safetensors file name")
     check_output_path(out, overwrite=overwrite)  # not a device, a folder or (without --overwrite) a file
-    if objective not in PRETRAIN_OBJECTIVES:
-        raise SelfmaskError(f"--objective must be supervised or swav, got {objective!r}")
+    if objective not in pretrain_objectives():
+        raise SelfmaskError(f"--objective must be one of {', '.join(pretrain_objectives())}, got {objective!r}")
     train, _test = load_data(data, resolution=info.input_size, cache_dir=cache_dir)
     if objective == "swav":
         model, history = pretrain_swav(train, backbone=backbone, epochs=epochs, lr=lr, prototypes=prototypes,
                                        seed=seed, device=device, progress=progress)
+    elif objective != "supervised":
+        model, history = pretrain_ssl(train, backbone=backbone, objective=objective, epochs=epochs, lr=lr, seed=seed,
+                                      device=device, progress=progress)
     else:
         kw = {"lr": lr} if lr is not None else {}
         model, history = pretrain_supervised(train, backbone=backbone, epochs=epochs, seed=seed, device=device,
@@ -71,4 +105,4 @@ def run_pretrain(*, data: str, backbone: str, objective: str, epochs: int, out: 
     return history
 
 
-__all__ = ["PRETRAIN_OBJECTIVES", "pretrain_swav", "run_pretrain"]
+__all__ = ["pretrain_objectives", "pretrain_ssl", "pretrain_swav", "run_pretrain"]
