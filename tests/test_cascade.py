@@ -102,7 +102,7 @@ def built(tmp_path_factory):
     info = backbone_info(BACKBONE)
     torch.manual_seed(0)
     backbone = create_backbone(BACKBONE)
-    cfg = TrainConfig(method="mask", objective="swav", epochs=1, batch_size=24, lr=50.0, seed=0, bn="eval")
+    cfg = TrainConfig(method="mask", objective="swav", epochs=1, batch_size=24, lr=50.0, seed=0, mask={"bn": "eval"})
     swav = SwAVConfig(num_prototypes=16, queue_length=0, freeze_prototypes_iters=0)
     crops = MultiCrop.for_input_size(info.input_size, seed=0, mean=info.mean, std=info.std, n_small=2)
     run = RunFolder(root / "dispatcher").prepare()
@@ -140,6 +140,28 @@ def test_experts_start_from_the_dispatcher_and_differ_after_training(built) -> N
     assert changed > 0  # lr 50 flips scores within a few steps
     run_cfg = json.loads((folder / "runs" / "expert-0" / "config.json").read_text())
     assert run_cfg["train"]["init_from"] == str(built["dispatcher"]) and run_cfg["train"]["objective"] == "swav"
+
+
+def test_experts_train_with_the_dispatchers_own_objective_dino(tmp_path) -> None:
+    from selfmask.objectives.dino import DINOConfig
+    from selfmask.training.ssl import adapt_ssl
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    bench = load_embedded(seed=0, cache_dir=tmp_path / "data", size="tiny")
+    train = bench.downstream_train.subset(torch.arange(48))
+    info = backbone_info(BACKBONE)
+    torch.manual_seed(0)
+    backbone = create_backbone(BACKBONE)
+    cfg = TrainConfig(method="mask", objective="dino", epochs=1, batch_size=24, lr=50.0, seed=0, mask={"bn": "eval"})
+    dino = DINOConfig(out_dim=16, hidden_dim=16, bottleneck_dim=8, freeze_last_layer_iters=1, head_batchnorm=True)
+    crops = MultiCrop.for_input_size(info.input_size, seed=0, mean=info.mean, std=info.std, n_small=2)
+    run = RunFolder(tmp_path / "dispatcher").prepare()
+    adapt_ssl(backbone, info, train, cfg, dino, crops=crops, run=run, progress=False)
+    ccfg = CascadeConfig(num_experts=2, router="kmeans", router_dim=8, min_group_size=8, fusion_dim=16, seed=0)
+    cascade, _report = build_cascade(run.path, train, tmp_path / "cascade", ccfg)
+    for g in range(cascade.num_experts):
+        expert = json.loads((tmp_path / "cascade" / "runs" / f"expert-{g}" / "config.json").read_text())
+        assert expert["train"]["objective"] == "dino" and expert["dino"]["out_dim"] == 16
 
 
 def test_root_through_the_bank_equals_the_dispatcher_run_model(built) -> None:

@@ -32,8 +32,8 @@ from selfmask.training.trainer import adapt
 INFO = backbone_info("resnet_tiny")
 WORLD = 2
 # bn="eval": no batch statistics, so two half batches compute exactly what one global batch does
-SUPERVISED = TrainConfig(epochs=2, batch_size=16, bn="eval", augment=False, seed=3)
-SWAV = TrainConfig(objective="swav", epochs=2, batch_size=16, bn="eval", seed=3)
+SUPERVISED = TrainConfig(epochs=2, batch_size=16, mask={"bn": "eval"}, augment=False, seed=3)
+SWAV = TrainConfig(objective="swav", epochs=2, batch_size=16, mask={"bn": "eval"}, seed=3)
 SWAV_RECIPE = SwAVConfig(num_prototypes=8, queue_length=0, freeze_prototypes_iters=1, projection_dim=16)
 
 

@@ -78,3 +78,31 @@ def test_bad_inputs_raise(tmp_path: Path) -> None:
     with pytest.raises(SelfmaskError, match="masks"):
         save_backbone(model, tmp_path / "bb.safetensors")
     assert not (tmp_path / "bb.safetensors").exists()
+
+
+def test_self_supervised_pretraining_with_dino_moves_every_layer_and_saves(tmp_path: Path) -> None:
+    from selfmask.experiments.pretrain import pretrain_ssl
+
+    torch.manual_seed(1)
+    before = create_backbone("resnet_tiny").state_dict()
+    model, history = pretrain_ssl(easy_dataset(64), backbone="resnet_tiny", objective="dino", epochs=2, seed=1,
+                                  progress=False)
+    assert len(history) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in history)
+    after = model.state_dict()
+    moved = [k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[k])]
+    assert "stem.0.weight" in moved or any(k.endswith("conv1.weight") for k in moved), moved[:5]
+    path = save_backbone(model, tmp_path / "dino.safetensors")
+    loaded = create_backbone("resnet_tiny", weights=path).eval()
+    with torch.no_grad():
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(loaded(x), model.eval()(x))
+
+
+def test_pretrain_names_the_objectives_it_offers(tmp_path: Path) -> None:
+    from selfmask.experiments.pretrain import pretrain_objectives, run_pretrain
+
+    assert {"supervised", "swav", "dino"} <= set(pretrain_objectives())
+    with pytest.raises(SelfmaskError, match=r"--objective must be one of .*dino.*, got 'byol'"):
+        run_pretrain(data="embedded", backbone="resnet_tiny", objective="byol", epochs=1,
+                     out=tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

@@ -30,7 +30,7 @@ def _swav_run(warmup: int, epochs: int):
     info = backbone_info("resnet_tiny")
     torch.manual_seed(0)
     backbone = create_backbone("resnet_tiny")
-    cfg = TrainConfig(method="mask", objective="swav", epochs=epochs, batch_size=16, lr=50.0, seed=0, bn="eval")
+    cfg = TrainConfig(method="mask", objective="swav", epochs=epochs, batch_size=16, lr=50.0, seed=0, mask={"bn": "eval"})
     swav = SwAVConfig(num_prototypes=8, queue_length=0, freeze_prototypes_iters=0, freeze_backbone_iters=warmup)
     crops = MultiCrop.for_input_size(info.input_size, seed=0, mean=info.mean, std=info.std, n_small=1)
     return adapt_swav(backbone, info, train, cfg, swav, crops=crops, progress=False)

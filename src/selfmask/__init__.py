@@ -43,8 +43,7 @@ from selfmask.masking import (
     merge_masks,
 )
 from selfmask.storage import MaskBank, MaskFile, apply_mask, load_mask, load_run, merge_mask, save_mask
-
-__version__ = "0.1.0"
+from selfmask.version import __version__
 
 __all__ = [
     "PRESETS",

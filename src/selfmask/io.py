@@ -5,29 +5,45 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over it."""
+def atomic_write_file(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Fill a temporary file beside ``path`` with ``write(tmp)``, fsync it, then rename it over ``path``.
+
+    The one atomic write of the package: ``path`` is either replaced whole or left untouched.
+    On any error (``write`` raising, a full disk, a signal) the temporary file (a hidden
+    ``.<name>.<random>.tmp``, mode 0600 as :func:`tempfile.mkstemp` makes it) is removed and
+    the error propagates. ``write`` gets a file name, so writers that stream to a path
+    (``safetensors.torch.save_file``, ``torch.save``) never hold a second copy in memory.
+
+    Example::
+
+        atomic_write_file(out, lambda tmp: tmp.write_text("done\n"))
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write_file`)."""
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -41,10 +57,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 def atomic_save_safetensors(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:
-    from safetensors.torch import save
+    """Write ``tensors`` (moved to the CPU, contiguous) as a safetensors file, atomically, streamed to disk."""
+    from safetensors.torch import save_file
 
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(data, metadata=dict(metadata) if metadata else None))
+    atomic_write_file(path, lambda tmp: save_file(data, str(tmp), metadata=dict(metadata) if metadata else None))
 
 
 def _json_default(obj: Any) -> Any:

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfmask.backbones.registry import IMAGENET_MEAN, IMAGENET_STD, BackboneInfo
+from selfmask.backbones.info import IMAGENET_MEAN, IMAGENET_STD, BackboneInfo
 from selfmask.errors import SelfmaskError
 
 #: ``prefix: (module to import, pip command)`` of the libraries a specification can name.

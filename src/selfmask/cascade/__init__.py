@@ -3,9 +3,10 @@
 See docs/cascade.md for the recipe, the folder format and measured numbers.
 """
 
-from selfmask.cascade.build import build_cascade, dispatcher_steps, evaluate_cascade, fit_fusion, time_inference
+from selfmask.cascade.build import Dispatcher, build_cascade, dispatcher_steps, read_dispatcher
 from selfmask.cascade.config import MODES, ROUTERS, CascadeConfig
-from selfmask.cascade.fusion import FusionPCA, concat_parts
+from selfmask.cascade.evaluate import evaluate_cascade, time_inference
+from selfmask.cascade.fusion import FusionPCA, concat_parts, fit_fusion
 from selfmask.cascade.model import FORMAT_NAME, FORMAT_VERSION, Cascade, EmbedStats, read_manifest
 from selfmask.cascade.router import Router, fit_pca, fit_router
 
@@ -16,6 +17,7 @@ __all__ = [
     "ROUTERS",
     "Cascade",
     "CascadeConfig",
+    "Dispatcher",
     "EmbedStats",
     "FusionPCA",
     "Router",
@@ -26,6 +28,7 @@ __all__ = [
     "fit_fusion",
     "fit_pca",
     "fit_router",
+    "read_dispatcher",
     "read_manifest",
     "time_inference",
 ]

@@ -10,11 +10,17 @@ zero, so it needs only two forward passes per image.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+from selfmask.cascade.config import MODES
 from selfmask.cascade.router import fit_pca
 from selfmask.errors import SelfmaskError
+
+if TYPE_CHECKING:
+    from selfmask.cascade.model import Cascade
+    from selfmask.data.base import ImageTensorDataset
 
 
 def concat_parts(root: torch.Tensor, experts: list[torch.Tensor | None], routes: torch.Tensor | None) -> torch.Tensor:
@@ -71,3 +77,20 @@ class FusionPCA:
                 f"{where}: fusion PCA has mean {list(self.mean.shape)} and components {list(self.components.shape)}; "
                 f"expected width {width}"
             )
+
+
+def embed_dataset(cascade: Cascade, data: ImageTensorDataset, mode: str, batch_size: int) -> dict[str, Any]:
+    """A whole dataset's root embeddings, routes and concatenated parts (``mode``), in batches."""
+    roots, routes, parts = [], [], []
+    for i in range(0, len(data), batch_size):
+        root, experts, rt = cascade.embed_parts(data.images[i : i + batch_size], mode)
+        roots.append(root)
+        routes.append(rt)
+        parts.append(concat_parts(root, experts, None if mode == "unconditional" else rt))
+    return {"root": torch.cat(roots), "routes": torch.cat(routes), "concat": torch.cat(parts)}
+
+
+def fit_fusion(cascade: Cascade, train_set: ImageTensorDataset, dim: int, batch_size: int = 256) -> None:
+    """Fit both modes' fusion PCA (to ``dim``) on ``train_set``'s concatenated embeddings, in place."""
+    for mode in MODES:
+        cascade.fusion[mode] = FusionPCA.fit(embed_dataset(cascade, train_set, mode, batch_size)["concat"], dim)

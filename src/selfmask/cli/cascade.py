@@ -50,12 +50,12 @@ def run(args: argparse.Namespace) -> int:
     cfg = CascadeConfig(num_experts=args.experts, router=args.router, router_dim=args.router_dim,
                         min_group_size=args.min_group_size, fusion_dim=args.fusion_dim, seed=args.seed)
     dcfg = read_run_config(args.dispatcher)
-    spec = args.data or dcfg.get("data_spec")
+    spec = args.data or dcfg.data_spec
     if not spec:
         raise SelfmaskError(f"{args.dispatcher}/config.json records no data_spec; pass --data")
     from selfmask.backbones import backbone_info
 
-    info = backbone_info(dcfg["backbone"])
+    info = backbone_info(dcfg.backbone, dcfg.embedding)
     train, test = load_data(spec, resolution=info.input_size, cache_dir=args.cache_dir)
     cascade, report = build_cascade(args.dispatcher, train, args.out, cfg, overwrite=args.overwrite,
                                     progress=not args.no_progress)

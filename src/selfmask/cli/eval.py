@@ -32,41 +32,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from selfmask.backbones import backbone_info, create_backbone
-    from selfmask.data.sources import load_data
-    from selfmask.data.subsets import label_subset
-    from selfmask.experiments.evaluate import evaluate_features
+    from selfmask.experiments.evaluate import evaluate_model
     from selfmask.io import atomic_write_json
-    from selfmask.training.run_folder import load_run, run_embedding
-    from selfmask.training.trainer import resolve_device
 
     check_eval_args(args)
-    resolve_device(args.device)
-    if args.run is not None:
-        if args.backbone or args.weights or args.embedding:
-            raise SelfmaskError("give either --run or --backbone/--weights/--embedding, not both")
-        backbone, _head, cfg = load_run(args.run, device=args.device)
-        info = backbone_info(cfg["backbone"], run_embedding(cfg))
-    else:
-        info = backbone_info(args.backbone or "resnet_tiny", args.embedding)
-        torch.manual_seed(args.seed)
-        backbone = create_backbone(info.name, args.weights, info.embedding)
-    name = info.name
-    train, test = load_data(args.data, resolution=info.input_size, cache_dir=args.cache_dir)
-    bank = None
-    subset = None
-    if args.label_fraction is not None or args.per_class is not None:
-        subset = label_subset(train.labels, fraction=args.label_fraction, per_class=args.per_class, seed=args.seed)
-        bank = torch.as_tensor(subset.indices, dtype=torch.long)
-    res = evaluate_features(
-        backbone, info, train, test, bank_indices=bank, knn_k=args.knn_k, knn_temperature=args.knn_temperature,
-        linear_probe=not args.no_probe, seed=args.seed, device=args.device,
-    )
-    res = {"backbone": name, "embedding": info.embedding, "weights": args.weights,
-           "run": str(args.run) if args.run else None, "data": args.data,
-           "subset": subset.to_dict() if subset is not None else None, **res}
+    if args.run is not None and (args.backbone or args.weights or args.embedding):
+        raise SelfmaskError("give either --run or --backbone/--weights/--embedding, not both")
+    res = evaluate_model(args.data, run=args.run, backbone=args.backbone or "resnet_tiny", weights=args.weights,
+                         embedding=args.embedding, label_fraction=args.label_fraction, per_class=args.per_class,
+                         knn_k=args.knn_k, knn_temperature=args.knn_temperature, linear_probe=not args.no_probe,
+                         seed=args.seed, device=args.device, cache_dir=args.cache_dir)
     if args.output is not None:
         atomic_write_json(args.output, res)
     if args.json:

@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from selfmask.data.sources import load_data
     from selfmask.experiments.lowshot import METHOD_LABELS, NEEDS_SMN, LowShotContext, lowshot_row, summarize
     from selfmask.reports import markdown_table, plot_lowshot
-    from selfmask.training.run_folder import RunFolder, read_run_config, run_embedding
+    from selfmask.training.run_folder import RunFolder, read_run_config
     from selfmask.training.trainer import resolve_device
 
     setup_logging()
@@ -61,13 +61,13 @@ def run(args: argparse.Namespace) -> int:
         if args.smn is None:
             raise SelfmaskError(f"methods {[m for m in args.methods if m in NEEDS_SMN]} need --smn RUN_DIR")
         smn_cfg = read_run_config(args.smn)
-        name = args.backbone or smn_cfg["backbone"]
-        weights = args.weights or smn_cfg.get("weights")
-        if name != smn_cfg["backbone"]:
-            raise SelfmaskError(f"--backbone {name!r} differs from the SMN's backbone {smn_cfg['backbone']!r}")
+        name = args.backbone or smn_cfg.backbone
+        weights = args.weights or smn_cfg.weights
+        if name != smn_cfg.backbone:
+            raise SelfmaskError(f"--backbone {name!r} differs from the SMN's backbone {smn_cfg.backbone!r}")
     else:
         name, weights = args.backbone or "resnet_tiny", args.weights
-    info = backbone_info(name, run_embedding(smn_cfg) if smn_cfg is not None else None)  # the SMN's embedding
+    info = backbone_info(name, smn_cfg.embedding if smn_cfg is not None else None)  # the SMN's embedding
     out = RunFolder(args.out, overwrite=args.overwrite).prepare()
     out.set_status("running")
     train, test = load_data(args.data, resolution=info.input_size, cache_dir=args.cache_dir)

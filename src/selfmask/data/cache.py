@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from selfmask.data.base import ImageTensorDataset
 from selfmask.errors import SelfmaskError
+from selfmask.io import atomic_save_safetensors
 
 logger = logging.getLogger(__name__)
 
@@ -121,21 +121,6 @@ def cache_key(paths: Sequence[str | Path], resolution: int, resample: str = "bic
     return h.hexdigest()
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def cached_images(
     paths: Sequence[str | Path],
     resolution: int,
@@ -165,7 +150,8 @@ def cached_images(
             record["cache_hit"] = True
             return images, record
     images = decode_images(paths, resolution, resample, workers)
-    _atomic_save({"images": images}, file, {"cache_key": key, "count": str(len(paths))})
+    file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(file, {"images": images}, {"cache_key": key, "count": str(len(paths))})
     record["cache_hit"] = False
     return images, record
 
@@ -190,7 +176,8 @@ def save_tensor_dataset(dataset: ImageTensorDataset, path: str | Path) -> Path:
     """Write a dataset (uint8 images, labels, class names, meta) to one safetensors file, atomically."""
     path = Path(path)
     meta = {"classes": json.dumps(dataset.classes), "name": dataset.name, "meta": json.dumps(dataset.meta, default=str)}
-    _atomic_save({"images": dataset.images.contiguous(), "labels": dataset.labels.contiguous()}, path, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(path, {"images": dataset.images, "labels": dataset.labels}, meta)
     return path
 
 

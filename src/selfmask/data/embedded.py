@@ -27,7 +27,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -38,6 +37,7 @@ import torch
 from selfmask.data.base import ImageTensorDataset
 from selfmask.data.render import Appearance, compose, handwritten_digit_masks, render_glyph_masks
 from selfmask.errors import SelfmaskError
+from selfmask.io import atomic_save_safetensors
 
 EMBEDDED_VERSION = "2"  # bump whenever a change alters any pixel, so stale caches are never read
 #: the random streams are keyed by this, not by the version, so version 2 draws exactly what version 1 drew:
@@ -228,24 +228,15 @@ def _assemble(data: dict[str, tuple[torch.Tensor, torch.Tensor]], meta: dict[str
 
 def save_embedded(bench: EmbeddedBenchmark, path: str | Path) -> None:
     """Write the four splits and ``meta`` to one safetensors file, atomically."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for split in SPLITS:
         ds = bench.split(split)
-        tensors[f"{split}.images"] = ds.images.contiguous()
-        tensors[f"{split}.labels"] = ds.labels.contiguous()
+        tensors[f"{split}.images"] = ds.images
+        tensors[f"{split}.labels"] = ds.labels
     meta = {k: v for k, v in bench.meta.items() if k not in ("cache_path", "loaded_from_cache")}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"meta": json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_safetensors(path, tensors, {"meta": json.dumps(meta)})
 
 
 def read_embedded(path: str | Path) -> EmbeddedBenchmark:

@@ -113,7 +113,7 @@ def smn_recipe(cfg: DemoConfig, info: Any, num_images: int) -> tuple[Any, Any, A
         freeze_backbone_iters=cfg.smn_head_warmup,
     )
     tcfg = TrainConfig(method="mask", objective="swav", epochs=epochs, seed=cfg.seed, device=cfg.device, flip=False,
-                       lr=cfg.smn_lr, bn=cfg.smn_bn)
+                       lr=cfg.smn_lr, mask={"bn": cfg.smn_bn})
     colour = {} if cfg.smn_color else {"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}
     crops = MultiCrop.for_input_size(
         info.input_size, seed=cfg.seed, mean=info.mean, std=info.std, flip_p=0.0, large_scale=cfg.smn_large_crop_scale,

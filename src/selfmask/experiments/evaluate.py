@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,3 +55,49 @@ def evaluate_features(
         out["linear_probe"] = probe.to_dict()
         out["linear_probe_accuracy"] = probe.accuracy
     return out
+
+
+def evaluate_model(
+    data: str,
+    *,
+    run: str | Path | None = None,
+    backbone: str = "resnet_tiny",
+    weights: str | None = None,
+    embedding: str | None = None,
+    label_fraction: float | None = None,
+    per_class: int | None = None,
+    knn_k: int = 200,
+    knn_temperature: float = 0.1,
+    linear_probe: bool = True,
+    seed: int = 0,
+    device: str = "cpu",
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """``selfmask eval``'s work: :func:`evaluate_features` of a run folder's adapted backbone (``run``) or of
+    ``backbone``/``weights`` (a random base after ``torch.manual_seed(seed)``), on ``data``; with
+    ``label_fraction``/``per_class`` the bank and probe use a seeded labelled subset. The result records the
+    settings that produced it."""
+    from selfmask.backbones import backbone_info, create_backbone
+    from selfmask.data.sources import load_data
+    from selfmask.data.subsets import label_subset
+    from selfmask.training.run_folder import load_run
+    from selfmask.training.trainer import resolve_device
+
+    resolve_device(device)
+    if run is not None:
+        model, _head, cfg = load_run(run, device=device)
+        info = backbone_info(cfg.backbone, cfg.embedding)
+    else:
+        info = backbone_info(backbone, embedding)
+        torch.manual_seed(seed)
+        model = create_backbone(info.name, weights, info.embedding)
+    train, test = load_data(data, resolution=info.input_size, cache_dir=cache_dir)
+    bank = subset = None
+    if label_fraction is not None or per_class is not None:
+        subset = label_subset(train.labels, fraction=label_fraction, per_class=per_class, seed=seed)
+        bank = torch.as_tensor(subset.indices, dtype=torch.long)
+    res = evaluate_features(model, info, train, test, bank_indices=bank, knn_k=knn_k, knn_temperature=knn_temperature,
+                            linear_probe=linear_probe, seed=seed, device=device)
+    return {"backbone": info.name, "embedding": info.embedding, "weights": weights,
+            "run": str(run) if run else None, "data": data,
+            "subset": subset.to_dict() if subset is not None else None, **res}

@@ -10,6 +10,8 @@ Pieces, each usable alone:
 * :class:`SwAVQueue`: embeddings of earlier batches used, from a start epoch on, as
   extra samples when computing codes.
 * :class:`SwAVObjective`: head + prototypes + queue + loss, the one module a trainer uses.
+* :class:`MultiCropSwAV`: SwAV over a backbone's multi-crop views, the training engine's
+  objective (``selfmask.objectives.base.Objective``).
 
 Head and prototypes are trained normally (their own learning rate, 0.15, and weight
 decay, 1e-6), are never masked, and are discarded after training.
@@ -17,18 +19,23 @@ decay, 1e-6), are never masked, and are discarded after training.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from selfmask.errors import SelfmaskError
-from selfmask.objectives.sinkhorn import AllReduce
-from selfmask.objectives.swav_loss import assign_codes, swav_loss
+from selfmask.objectives.base import embed_crops
+from selfmask.objectives.sinkhorn import AllReduce, resolve_all_reduce
+from selfmask.objectives.swav_loss import assign_codes, collapse_warning, swav_loss
+
+log = logging.getLogger("selfmask.train")
 
 
 @dataclass(frozen=True)
@@ -395,4 +402,77 @@ class SwAVObjective(nn.Module):
         return out
 
 
-__all__ = ["Prototypes", "SwAVConfig", "SwAVHead", "SwAVObjective", "SwAVQueue", "validate_queue"]
+class MultiCropSwAV(nn.Module):
+    """SwAV over multi-crop views of a backbone: the engine's
+    :class:`~selfmask.objectives.base.Objective` for self-supervised masking (and SwAV
+    pretraining, ``method="fft"``).
+
+    Each step embeds every crop with the backbone (under ``no_grad`` during the
+    ``freeze_backbone_iters`` head warm-up) and applies :class:`SwAVObjective`. Its state is
+    checkpointed under ``"objective"`` (the :class:`SwAVObjective`'s keys).
+
+    Args:
+        embed_dim: the backbone's embedding size.
+        cfg: the SwAV recipe.
+        crops: ``crops(uint8_images, generator=g) -> list of views`` (large crops first),
+            e.g. :class:`selfmask.data.multicrop.MultiCrop`.
+        all_reduce: Sinkhorn's and the prototype usage's all-reduce (default: torch.distributed
+            when initialised).
+    """
+
+    name: ClassVar[str] = "swav"
+    needs_labels: ClassVar[bool] = False
+
+    def __init__(self, embed_dim: int, cfg: SwAVConfig, crops: Any, all_reduce: AllReduce | None = None) -> None:
+        super().__init__()
+        self.swav = SwAVObjective(embed_dim, cfg, all_reduce)
+        self.crops = crops
+        # prototypes frozen for the first iterations take no part in the graph: DDP must look for unused ones
+        self.find_unused_parameters = cfg.freeze_prototypes_iters > 0
+
+    @property
+    def cfg(self) -> SwAVConfig:
+        return self.swav.cfg
+
+    def views(self, images: torch.Tensor, *, generator: torch.Generator) -> list[torch.Tensor]:
+        return self.crops(images, generator=generator)
+
+    def step(
+        self, backbone: nn.Module, views: list[torch.Tensor], labels: torch.Tensor | None, *, epoch: int, step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        warmup = step < self.cfg.freeze_backbone_iters  # head warm-up: no gradient reaches the backbone
+        with torch.no_grad() if warmup else contextlib.nullcontext():  # so no graph is recorded for it either
+            embeddings = embed_crops(backbone, views)
+        loss, _stats = self.swav(embeddings, epoch=epoch, iteration=step)
+        n = views[0].shape[0]
+        return loss, {"loss": float(loss.detach()) * n, "seen": n}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        return self.swav.param_groups()
+
+    def after_optimizer_step(self, backbone: nn.Module, *, step: int) -> None:
+        self.swav.after_optimizer_step()
+
+    def epoch_metrics(self, sums: dict[str, float]) -> dict[str, Any]:
+        reduce = resolve_all_reduce(self.swav.all_reduce)
+        if reduce is not None:  # prototype usage over the global batches of the epoch
+            self.swav.assignment_counts.copy_(reduce(self.swav.assignment_counts.clone(), "sum"))
+        usage = self.swav.prototype_usage()
+        row: dict[str, Any] = {"loss": sums["loss"] / sums["seen"], "prototypes_used": usage["used_fraction"]}
+        warning = collapse_warning(row["loss"], self.cfg.num_prototypes, **usage)
+        if warning:
+            row["collapse_warning"] = warning
+            log.warning("%s", warning)
+        return row
+
+    def checkpoint_modules(self) -> dict[str, nn.Module]:
+        return {"objective": self.swav}
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {"assignment_counts": self.swav.assignment_counts}
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.cfg.to_dict()
+
+
+__all__ = ["MultiCropSwAV", "Prototypes", "SwAVConfig", "SwAVHead", "SwAVObjective", "SwAVQueue", "validate_queue"]

@@ -169,6 +169,16 @@ def apply_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
 BUFFER_PREFIX = "buffer."
 
 
+def changed_buffers(model: nn.Module, base: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``buffer.<name>`` extras of a mask file: the buffers of ``model`` that training changed from ``base``.
+
+    BatchNorm running statistics keep updating during mask training (``bn="train"``) and are part
+    of the adapted model; ``base`` is the untrained backbone's ``named_buffers()``. CPU copies.
+    """
+    return {f"{BUFFER_PREFIX}{k}": v.detach().cpu().clone() for k, v in model.named_buffers()
+            if k in base and not torch.equal(v.detach().cpu(), base[k].cpu())}
+
+
 def check_buffers(model: nn.Module, mask: MaskFile, what: str) -> dict[str, torch.Tensor]:
     """The file's adapted buffers (``buffer.*`` extras), checked against the model's names and shapes."""
     live = dict(model.named_buffers())
@@ -197,4 +207,4 @@ def merge_mask(model: nn.Module, mask: MaskFile | str | Path, *, force: bool = F
     return merge_masks(apply_mask(model, mask, force=force))
 
 
-__all__ = ["apply_mask", "check_buffers", "check_fingerprint", "check_names_and_shapes", "legacy_fingerprint", "merge_mask"]
+__all__ = ["apply_mask", "changed_buffers", "check_buffers", "check_fingerprint", "check_names_and_shapes", "legacy_fingerprint", "merge_mask"]

@@ -32,6 +32,7 @@ import numpy as np
 
 from selfmask import io
 from selfmask.errors import SelfmaskError
+from selfmask.storage.versions import FORMAT_NAME, READ_VERSIONS
 
 #: Largest JSON header accepted (a ViT mask file has a few KiB).
 MAX_HEADER_BYTES = 16 * 2**20
@@ -134,8 +135,6 @@ def parse_json(raw: bytes | str, kind: type, what: str) -> Any:
 
 
 def _selfmask_metadata(metadata: object, where: str) -> dict[str, Any]:
-    from selfmask.storage.maskfile import FORMAT_NAME, READ_VERSIONS
-
     if not isinstance(metadata, dict) or not isinstance(metadata.get("selfmask"), str):
         raise SelfmaskError(f"{where}: not a selfmask mask file (no '__metadata__.selfmask' entry in the header)")
     meta = parse_json(metadata["selfmask"], dict, f"{where}: corrupt selfmask metadata")

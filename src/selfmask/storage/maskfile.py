@@ -38,27 +38,14 @@ from torch import nn
 
 from selfmask.errors import SelfmaskError
 from selfmask.fingerprint import model_fingerprint
-from selfmask.masking.config import LEGACY_DEFAULTS, MaskConfig
+from selfmask.masking.config import MaskConfig
 from selfmask.masking.layer import selective_trainable_mask
 from selfmask.masking.model import base_state_dict, base_tensors, binary_entropy, current_masks, mask_config
 from selfmask.storage import codecs
 from selfmask.storage.bounds import tensor_bounds
 from selfmask.storage.container import atomic_write_bytes, check_shape, parse_json, read_container, write_container
+from selfmask.storage.versions import CODEC_SINCE, FORMAT_NAME, FORMAT_VERSION, LEGACY_CONFIG, READ_VERSIONS
 
-FORMAT_NAME = "selfmask.mask"
-# --- format versions: the one place that says what each version means ----------------------------
-#: The version this code writes. 1: the first. 2: fused q/k/v tensors masked as three parts
-#: (``MaskConfig.split_fused``; the index records ``parts`` per tensor) and the authors' top-k
-#: count (``MaskConfig.topk_count``). 3: the ``"ans-weight"`` codec (masks coded given the base
-#: weights, decoded only with them).
-FORMAT_VERSION = 3
-#: Versions this code reads.
-READ_VERSIONS = (1, 2, 3)
-#: For a file of an older version: the MaskConfig fields whose default changed since, as that
-#: version's code used them (an old file stores no such key), so it applies bit for bit.
-LEGACY_CONFIG: dict[int, dict[str, Any]] = {1: LEGACY_DEFAULTS}
-#: Codecs introduced after version 1, and the version that introduced them.
-CODEC_SINCE = {"ans-weight": 3}
 #: Default cap on the total number of mask entries a reader decodes (about one byte each in memory).
 #: A hostile file of a few hundred bytes can claim this many entries (a constant mask needs no
 #: payload), so it bounds what reading an untrusted file may allocate: 2 GiB, 24 times the largest

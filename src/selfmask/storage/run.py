@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from selfmask.backbones import create_backbone
 from selfmask.errors import SelfmaskError
 from selfmask.fingerprint import model_fingerprint
 
@@ -42,24 +41,24 @@ def load_run(run_dir: str | Path) -> RunModel:
     statistics keep updating during mask training with ``bn="train"``, and they are part
     of the adapted model).
     """
+    from selfmask.training.run_folder import create_run_base
     from selfmask.training.run_folder import load_run as rebuild_run
-    from selfmask.training.run_folder import run_embedding
 
     run_dir = Path(run_dir)
     model, head, cfg = rebuild_run(run_dir)
-    if cfg.get("mask") is None:
-        raise SelfmaskError(f"run folder {str(run_dir)!r} trained no masks (method {cfg.get('train', {}).get('method')!r})")
+    if cfg.mask is None:
+        method = cfg.train.method if cfg.train is not None else None
+        raise SelfmaskError(f"run folder {str(run_dir)!r} trained no masks (method {method!r})")
     extra: dict[str, torch.Tensor] = {}
     if head is not None:
         extra.update({f"head.{k}": v.detach() for k, v in head.state_dict().items()})
-    torch.manual_seed(int(cfg["seed"]))
-    base_model = create_backbone(cfg["backbone"], cfg.get("weights"), run_embedding(cfg))  # the run's base, as built
+    base_model = create_run_base(cfg)  # the run's base, as built
     base = dict(base_model.named_buffers())
     for name, buf in model.named_buffers():
         if name in base and not torch.equal(buf, base[name]):
             extra[f"buffer.{name}"] = buf.detach().clone()
-    source = {"run_dir": run_dir.name, "weights": cfg.get("weights"), "seed": cfg["seed"]}
-    return RunModel(model, cfg["backbone"], extra, source, model_fingerprint(base_model))
+    source = {"run_dir": run_dir.name, "weights": cfg.weights, "seed": cfg.seed}
+    return RunModel(model, cfg.backbone, extra, source, model_fingerprint(base_model))
 
 
 __all__ = ["RunModel", "load_run"]

@@ -11,10 +11,8 @@ weights file must not continue silently on other data or weights).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from selfmask.errors import SelfmaskError
 
 #: Compared first, in this order; then every other recorded setting by name.
 ORDER = ("data_spec", "weights", "base_fingerprint", "backbone", "method", "objective", "crops", "swav")
@@ -47,11 +45,25 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _as_format_1(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` with the training settings in format 1's flat form (mask settings beside the others)."""
+    from selfmask.training.config import legacy_train_view
+
+    if "train" in settings and isinstance(settings["train"], Mapping):
+        return {**settings, "train": legacy_train_view(dict(settings["train"]))}
+    return legacy_train_view(dict(settings))
+
+
 def first_difference(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> str | None:
     """The first setting (see :data:`ORDER`) whose value differs, as a message; ``None`` when all agree.
 
-    Checkpoints written before ``"run"`` was recorded are compared on their training settings only.
+    Checkpoints written before ``"run"`` was recorded are compared on their training settings only;
+    checkpoints written before the mask settings were one object (format 1 of ``config.json``)
+    on the settings they recorded.
     """
+    train = recorded.get("train", recorded)
+    if isinstance(train, Mapping) and "mask" not in train and "threshold" in train:
+        now = _as_format_1(now)
     saved, current = _flat(recorded), _flat(now)
     if "run" not in recorded:
         current = _flat({k: v for k, v in now.items() if k != "run"})
@@ -64,15 +76,4 @@ def first_difference(recorded: Mapping[str, Any], now: Mapping[str, Any]) -> str
     return None
 
 
-def check_saved_run(saved: Mapping[str, Any], where: str | Path) -> None:
-    """The fields of a run's ``config.json`` that ``--resume`` uses, with the types ``selfmask adapt`` writes."""
-    expected = {"backbone": (str,), "data_spec": (str,), "weights": (str, type(None)), "seed": (int,)}
-    for key, types in expected.items():
-        value = saved.get(key)
-        if not isinstance(value, types) or isinstance(value, bool):
-            kind = " or ".join("null" if t is type(None) else {"str": "a string", "int": "an integer"}[t.__name__]
-                               for t in types)
-            raise SelfmaskError(f"{where}: {key!r} must be {kind}, got {value!r}")
-
-
-__all__ = ["ORDER", "check_saved_run", "first_difference", "with_run_identity"]
+__all__ = ["ORDER", "first_difference", "with_run_identity"]

@@ -1,10 +1,11 @@
-"""The step/epoch engine shared by the supervised and self-supervised loops.
+"""The step/epoch loop under :mod:`selfmask.training.engine` (one loop for every objective).
 
-It owns what every run needs and nothing method-specific: the epoch order, the
-optimiser step, the schedule, NaN/Inf checks, per-epoch metrics, progress bars,
-checkpoints (atomic, every ``checkpoint_every`` steps and at each epoch end) and
-resuming from them, and clean stops on SIGINT/SIGTERM (at a step boundary, after
-writing a checkpoint).
+It owns what every run needs and nothing objective-specific: the epoch order, the
+optimiser step, the schedule, NaN/Inf checks, per-epoch metrics, progress (a tqdm bar
+on a terminal, one plain line per epoch otherwise), checkpoints (atomic, every
+``checkpoint_every`` steps and at each epoch end) and resuming from them, clean stops
+on SIGINT/SIGTERM (at a step boundary, after writing a checkpoint), and the run
+folder's ``status.json`` / ``metrics.jsonl`` (:class:`RunGuard`).
 
 A checkpoint holds the state of every module, the optimiser and scheduler, the
 random generators, the epoch/batch/step counters, the partial epoch sums and the
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -57,6 +60,12 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def steps_per_epoch(num_items: int, batch_size: int, drop_last: bool = True) -> int:
+    """Optimiser steps per epoch (a batch larger than the data is the whole data)."""
+    bs = min(batch_size, num_items)
+    return max(1, num_items // bs) if drop_last else math.ceil(num_items / bs)
+
+
 @dataclass
 class LoopSpec:
     """What the engine needs to run ``epochs`` over ``num_items`` items."""
@@ -70,17 +79,54 @@ class LoopSpec:
     generator: torch.Generator
     modules: dict[str, nn.Module]  # everything whose state a checkpoint must hold
     set_train_mode: Callable[[], None]
-    epoch_row: Callable[[dict[str, float]], dict[str, Any]]  # sums of the epoch -> metrics row
-    after_step: Callable[[], None] | None = None
+    epoch_row: Callable[[dict[str, float], int], dict[str, Any]]  # (sums of the epoch, 1-based epoch) -> metrics row
+    after_step: Callable[[int], None] | None = None  # after every optimiser step, with its 0-based number
     extra_state: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors restored in place
     checkpoint_every: int = 0
     desc: str = "train"
     progress: bool = True
     dist: DistContext = SINGLE  # distributed runs: each process steps on its slice of every global batch
+    #: the data order of an epoch (default :func:`epoch_permutation`); a custom order drawn from
+    #: ``generator`` is kept in mid-epoch checkpoints, so a resumed run continues the same order
+    order: Callable[[int], torch.Tensor] | None = None
+    drop_last: bool = True  # drop the last partial batch (BatchNorm); False: a short last batch
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, self.num_items // min(self.batch_size, self.num_items))  # drop the last partial batch
+        return steps_per_epoch(self.num_items, self.batch_size, self.drop_last)
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        return epoch_permutation(self.num_items, self.seed, epoch) if self.order is None else self.order(epoch)
+
+
+class RunGuard:
+    """Keeps ``status.json`` truthful when training stops early (Ctrl-C, divergence)."""
+
+    def __init__(self, run: Any, total_epochs: int) -> None:
+        self.run, self.total_epochs = run, total_epochs
+        self.epoch = self.step = 0
+
+    def __enter__(self) -> RunGuard:
+        if self.run is not None:
+            self.run.attach_log(log)
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        if self.run is None:
+            return
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            self.run.set_status("interrupted", epoch=self.epoch, step=self.step, total_epochs=self.total_epochs)
+        elif exc_type is not None and issubclass(exc_type, TrainingDiverged):
+            self.run.set_status("failed", reason=str(exc), epoch=self.epoch, step=self.step)
+        elif exc_type is not None:
+            self.run.set_status("failed", reason=f"{exc_type.__name__}: {exc}", epoch=self.epoch, step=self.step)
+        self.run.detach_log(log)
+
+    def end_epoch(self, row: dict[str, Any]) -> None:
+        self.epoch, self.step = row["epoch"], row["step"]
+        if self.run is not None:
+            self.run.append_metrics(row)
+            self.run.set_status("running", epoch=self.epoch, total_epochs=self.total_epochs)
 
 
 class _Signals:
@@ -123,8 +169,6 @@ def run_epochs(
     over all processes (one small all-reduce per step), epoch sums are summed over
     processes, and only rank 0 writes files. Every process reads a checkpoint to resume.
     """
-    from selfmask.training.trainer import RunGuard  # status bookkeeping
-
     ctx = spec.dist
     writer = run if ctx.is_main else None
     steps_per_epoch = spec.steps_per_epoch
@@ -132,10 +176,11 @@ def run_epochs(
     epoch, batch, step = 0, 0, 0
     sums: dict[str, float] = {}
     history: list[dict[str, Any]] = []
+    perm: torch.Tensor | None = None  # a custom order of a checkpointed, unfinished epoch
     if resume:
         if run is None:
             raise SelfmaskError("resume needs a run folder")
-        epoch, batch, step, sums, history = load_checkpoint(run.file(CHECKPOINT), spec, config_fingerprint)
+        epoch, batch, step, sums, history, perm = load_checkpoint(run.file(CHECKPOINT), spec, config_fingerprint)
         if writer is not None:
             writer.restore_metrics(history)
         log.info("resumed %s at epoch %d, batch %d (step %d)", run.path, epoch + 1, batch + 1, step)
@@ -143,9 +188,11 @@ def run_epochs(
         guard.epoch, guard.step = epoch, step
         while epoch < spec.epochs:
             spec.set_train_mode()
-            perm = epoch_permutation(spec.num_items, spec.seed, epoch)
+            if perm is None or batch == 0:
+                perm = spec.permutation(epoch)
             t0 = time.perf_counter()
-            bar = _progress(steps_per_epoch, f"{spec.desc} epoch {epoch + 1}/{spec.epochs}", spec.progress, batch)
+            desc = f"{spec.desc} epoch {epoch + 1}/{spec.epochs}"
+            bar = _progress(steps_per_epoch, desc, spec.progress, batch)
             while batch < steps_per_epoch:
                 loss, batch_sums = step_fn(local_slice(perm[batch * bs : (batch + 1) * bs], ctx), epoch, step)
                 stop = signals.requested
@@ -164,7 +211,7 @@ def run_epochs(
                 loss.backward()
                 spec.optimizer.step()
                 if spec.after_step is not None:
-                    spec.after_step()
+                    spec.after_step(step)
                 spec.scheduler.step()
                 step += 1
                 batch += 1
@@ -184,7 +231,8 @@ def run_epochs(
                 if run is not None and batch < steps_per_epoch and (
                     stop or (spec.checkpoint_every and step % spec.checkpoint_every == 0)
                 ):
-                    save_checkpoint(run.file(CHECKPOINT), spec, epoch, batch, step, sums, history, config_fingerprint)
+                    save_checkpoint(run.file(CHECKPOINT), spec, epoch, batch, step, sums, history, config_fingerprint,
+                                    perm)
                 if stop:
                     if bar is not None:
                         bar.close()
@@ -193,14 +241,16 @@ def run_epochs(
                 bar.close()
             seconds = time.perf_counter() - t0
             sums = _sum_over_processes(sums, ctx)
-            row = {"epoch": epoch + 1, "step": step, **spec.epoch_row(sums)}
+            row = {"epoch": epoch + 1, "step": step, **spec.epoch_row(sums, epoch + 1)}
             row["lr"] = spec.optimizer.param_groups[0]["lr"]
             row["seconds"] = seconds
             row["images_per_second"] = sums.get("seen", 0.0) / max(seconds, 1e-9)
             history.append(row)
             log.info("epoch %d/%d %s", epoch + 1, spec.epochs, {k: round(v, 5) if isinstance(v, float) else v for k, v in row.items()})
+            if spec.progress and bar is None:
+                _epoch_line(desc, row)
             guard.end_epoch(row)
-            epoch, batch, sums = epoch + 1, 0, {}
+            epoch, batch, sums, perm = epoch + 1, 0, {}, None
             if run is not None:
                 save_checkpoint(run.file(CHECKPOINT), spec, epoch, batch, step, sums, history, config_fingerprint)
             if on_epoch is not None:
@@ -237,8 +287,13 @@ def save_checkpoint(
     sums: dict[str, float],
     history: list[dict[str, Any]],
     config_fingerprint: dict[str, Any] | None,
+    order: torch.Tensor | None = None,
 ) -> None:
-    """Write a checkpoint (rank 0 writes; in a distributed run every process must call this)."""
+    """Write a checkpoint (rank 0 writes; in a distributed run every process must call this).
+
+    ``order``: the current epoch's data order, kept when ``spec.order`` is custom and the epoch
+    is unfinished (the default order is a function of the seed and epoch alone).
+    """
     ctx = spec.dist
     rng = {"generator": spec.generator.get_state(), "torch": torch.get_rng_state()}
     rng_ranks = None
@@ -265,6 +320,8 @@ def save_checkpoint(
     }
     if rng_ranks is not None:
         state["rng_ranks"] = rng_ranks
+    if spec.order is not None and batch > 0 and order is not None:
+        state["order"] = order.detach().cpu().clone()
     buf = io.BytesIO()
     torch.save(state, buf)
     atomic_write_bytes(path, buf.getvalue())
@@ -272,7 +329,12 @@ def save_checkpoint(
 
 def load_checkpoint(
     path: Path, spec: LoopSpec, config_fingerprint: dict[str, Any] | None
-) -> tuple[int, int, int, dict[str, float], list[dict[str, Any]]]:
+) -> tuple[int, int, int, dict[str, float], list[dict[str, Any]], torch.Tensor | None]:
+    """Restore ``spec``'s modules, optimiser, schedule and generators from ``path``.
+
+    Returns ``(epoch, batch, step, sums, history, order)``; ``order`` is the saved data order
+    of an unfinished epoch under a custom ``spec.order`` (else ``None``).
+    """
     if not path.is_file():
         raise SelfmaskError(f"cannot resume: {path} does not exist (the run wrote no checkpoint yet)")
     try:
@@ -306,12 +368,47 @@ def load_checkpoint(
     rng = state["rng_ranks"][ctx.rank] if ctx.enabled else state["rng"]
     spec.generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch"])
-    return state["epoch"], state["batch"], state["step"], dict(state["sums"]), list(state["history"])
+    order = state.get("order") if spec.order is not None else None
+    return state["epoch"], state["batch"], state["step"], dict(state["sums"]), list(state["history"]), order
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):  # noqa: ANN202
-    if not enabled:
+    """A tqdm bar when progress is wanted and stderr is a terminal; ``None`` otherwise.
+
+    In a log file (``make demo > log``, a batch job) tqdm's redraws are noise: there the loop
+    writes one plain line per epoch instead (:func:`_epoch_line`).
+    """
+    if not enabled or not _stderr_is_terminal():
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    return tqdm(total=total, initial=initial, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _stderr_is_terminal() -> bool:
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _epoch_line(desc: str, row: dict[str, Any]) -> None:
+    """One plain progress line per epoch on stderr, unless the per-epoch log line already goes there."""
+    if _logged_to_console(log):
+        return
+    shown = [f"{k} {row[k]:.4f}" for k in ("loss", "train_accuracy", "fraction_active", "online_knn")
+             if isinstance(row.get(k), float)]
+    shown.append(f"{row['images_per_second']:.0f} img/s, {row['seconds']:.1f} s")
+    print(f"{desc}: {', '.join(shown)}", file=sys.stderr, flush=True)
+
+
+def _logged_to_console(logger: logging.Logger) -> bool:
+    """Whether an INFO record of ``logger`` reaches a handler writing to stderr or stdout."""
+    if not logger.isEnabledFor(logging.INFO):
+        return False
+    current: logging.Logger | None = logger
+    while current is not None:
+        for h in current.handlers:
+            if (isinstance(h, logging.StreamHandler) and getattr(h, "stream", None) in (sys.stderr, sys.stdout)
+                    and h.level <= logging.INFO):
+                return True
+        current = current.parent if current.propagate else None
+    return False

@@ -294,16 +294,17 @@ def _check_folders(spec: str, root: Path) -> list[str]:
     return problems
 
 
-def check_config(train_settings: dict[str, Any], backbone: str) -> tuple[Any, list[str]]:
-    """``(TrainConfig or None, problems)``: the settings, the device and the backbone name."""
+def check_config(train_settings: Any, backbone: str) -> tuple[Any, list[str]]:
+    """``(TrainConfig or None, problems)``: the settings (a TrainConfig, or a dict of its fields), the device
+    and the backbone name."""
     from selfmask.backbones import backbone_info
     from selfmask.training.config import TrainConfig
     from selfmask.training.trainer import resolve_device
 
     problems: list[str] = []
-    cfg = None
+    cfg = train_settings if isinstance(train_settings, TrainConfig) else None
     try:
-        cfg = TrainConfig(**train_settings)
+        cfg = cfg or TrainConfig(**train_settings)
     except (SelfmaskError, TypeError) as exc:  # TypeError: a key TrainConfig does not have
         problems.append(f"config: {exc}")
     if cfg is not None:
@@ -326,14 +327,16 @@ def preflight(
     backbone: str,
     weights: str | Path | None,
     data: str,
-    train_settings: dict[str, Any],
+    train_settings: Any,
     overwrite: bool = False,
     resume: bool = False,
 ) -> list[str]:
-    """Every problem found, one message each (empty: the run can start)."""
+    """Every problem found, one message each (empty: the run can start). ``train_settings``: a
+    ``TrainConfig`` or a dict of its fields."""
     out = Path(out)
     cfg, problems = check_config(train_settings, backbone)
-    problems += check_init_from(train_settings.get("init_from"), out)
+    init_from = cfg.init_from if cfg is not None else train_settings.get("init_from")
+    problems += check_init_from(init_from, out)
     problems += check_weights(weights)
     problems += check_data(data)
     folder_problems = check_run_folder(out, overwrite=overwrite, resume=resume)

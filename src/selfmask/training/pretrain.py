@@ -3,50 +3,36 @@
 The embedded benchmark has no ImageNet checkpoint to start from, so the project pretrains its
 own: the backbone plus a temporary linear head, cross-entropy, SGD with momentum and a cosine
 schedule, with cheap on-device augmentation (random shift via pad-and-crop, optional flip).
-The head is discarded; :func:`save_backbone` writes the backbone state dict as the same
+It runs on the training engine (:func:`selfmask.training.engine.train`) with the supervised
+objective; unlike ``adapt`` its data order is drawn from the augmentation generator and the
+last partial batch is kept. The head is discarded; :func:`save_backbone` writes the backbone state dict as the same
 ``.safetensors`` file users load their own weights from with
 ``selfmask.backbones.create_backbone(name, weights=path)``.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from selfmask.backbones import backbone_info, build_backbone
 from selfmask.data.base import ImageTensorDataset, normalize_batch
 from selfmask.errors import SelfmaskError
+from selfmask.io import atomic_save_safetensors
+from selfmask.objectives.supervised import SupervisedObjective
+from selfmask.training.augment import random_shift_flip
+from selfmask.training.config import TrainConfig
+from selfmask.training.distributed import SINGLE
+from selfmask.training.engine import train
 
 DEFAULT_PRETRAIN_BACKBONE = "resnet_tiny"
 DEFAULT_PRETRAIN_EPOCHS = 6  # 90,000 image passes: ~2 min at the ~800 img/s resnet_tiny trains at on 2 idle cores
 DEFAULT_PRETRAIN_BATCH_SIZE = 64  # the configuration measured in docs/embedded.md
 DEFAULT_PRETRAIN_LR = 0.05
-
-
-def random_shift_flip(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator | None = None) -> torch.Tensor:
-    """Per-sample random crop of a ``pad``-reflect-padded batch ``(B, C, H, W)`` (i.e. a shift of up to
-    ``pad`` pixels), and a random horizontal flip when ``flip``. Runs on the tensor's device."""
-    b, c, h, w = x.shape
-    if pad > 0:
-        xp = F.pad(x, (pad, pad, pad, pad), mode="reflect")
-        oy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
-        ox = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
-        rows = (oy[:, None] + torch.arange(h, device=x.device)).view(b, 1, h, 1).expand(b, c, h, w + 2 * pad)
-        xp = xp.gather(2, rows)
-        cols = (ox[:, None] + torch.arange(w, device=x.device)).view(b, 1, 1, w).expand(b, c, h, w)
-        x = xp.gather(3, cols)
-    if flip:
-        do = (torch.rand(b, generator=gen) < 0.5).to(x.device).view(b, 1, 1, 1)
-        x = torch.where(do, x.flip(3), x)
-    return x
 
 
 def pretrain_supervised(
@@ -73,7 +59,7 @@ def pretrain_supervised(
         lr: peak SGD learning rate (``momentum``, ``weight_decay`` on every parameter).
         augment: random shift by up to ``pad`` pixels (reflect padding), plus a horizontal flip if
             ``flip`` (off by default: a mirrored glyph can be another class, b/d).
-        progress: a tqdm bar per epoch with loss and images/s.
+        progress: a tqdm bar per epoch on a terminal; elsewhere one plain line per epoch.
         log: called with one line per epoch.
 
     Returns:
@@ -87,77 +73,44 @@ def pretrain_supervised(
     if dataset.num_classes < 2:
         raise SelfmaskError(f"pretrain: dataset {dataset.name!r} has {dataset.num_classes} class(es); need >= 2")
     info = backbone_info(backbone)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # the data order and the augmentation, in one stream
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = build_backbone(backbone)
         head = nn.Linear(info.embed_dim, dataset.num_classes)
-    model.to(device)
-    head.to(device)
-    params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(dataset) / batch_size)
-    total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-    history: list[dict[str, float]] = []
-    for epoch in range(epochs):
-        model.train()
-        head.train()
-        order = torch.randperm(len(dataset), generator=gen)
-        t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps_per_epoch, desc=f"pretrain {epoch + 1}/{epochs}", leave=False)
-        for start in range(0, len(dataset), batch_size):
-            idx = order[start : start + batch_size]
-            x = normalize_batch(dataset.images[idx].to(device), info.mean, info.std)
-            y = dataset.labels[idx].to(device)
-            if augment:
-                x = random_shift_flip(x, pad, flip, gen)
-            logits = head(model(x))
-            loss = F.cross_entropy(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(idx)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", img_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        if bar is not None:
-            bar.close()
-        secs = time.perf_counter() - t0
-        row = {
-            "epoch": epoch + 1,
-            "loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
-            "lr": opt.param_groups[0]["lr"],
-            "seconds": secs,
-            "images_per_second": seen / secs,
-        }
-        history.append(row)
+    def transform(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        x = normalize_batch(x, info.mean, info.std)
+        return random_shift_flip(x, pad, flip, generator) if augment else x
+
+    objective = SupervisedObjective(head, transform, [{"params": list(head.parameters()), "lr": lr,
+                                                       "weight_decay": weight_decay, "name": "head"}])
+    groups = [{"params": list(model.parameters()), "lr": lr, "weight_decay": weight_decay, "name": "backbone"}]
+
+    def report(row: dict[str, Any]) -> None:
         if log is not None:
             log(
-                f"pretrain epoch {epoch + 1}/{epochs}: loss {row['loss']:.4f}, train acc {row['train_accuracy']:.3f}, "
-                f"{row['images_per_second']:.0f} img/s, {secs:.1f} s"
+                f"pretrain epoch {row['epoch']}/{epochs}: loss {row['loss']:.4f}, train acc {row['train_accuracy']:.3f}, "
+                f"{row['images_per_second']:.0f} img/s, {row['seconds']:.1f} s"
             )
+
+    n = len(dataset)
+    cfg = TrainConfig(method="fft", epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                      weight_decay=weight_decay, seed=seed, device=str(device))  # all weights train
+    history, _steps = train(
+        model, objective, dataset, cfg, param_groups=groups, drop_last=False, progress=progress, on_epoch=report,
+        desc="pretrain", order=lambda _epoch: torch.randperm(n, generator=gen), generator=gen, dist=SINGLE,
+    )
     model.eval()
-    return model, history
+    return model, [{k: v for k, v in row.items() if k != "step"} for row in history]
 
 
 def save_backbone(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
-    """Write ``model``'s state dict as ``.safetensors`` atomically (temp file + ``os.replace``).
+    """Write ``model``'s state dict as ``.safetensors`` atomically (:func:`selfmask.io.atomic_save_safetensors`).
 
     The file loads with ``create_backbone(name, weights=path)``. A model with masks still
     attached (parametrised weights) is refused: merge the masks first.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise SelfmaskError(f"save_backbone: {str(path)!r} must end in .safetensors")
@@ -172,12 +125,8 @@ def save_backbone(model: nn.Module, path: str | Path, metadata: dict[str, str] |
         meta["backbone"] = name
     meta.update(metadata or {})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_save_safetensors(path, tensors, metadata=meta)
     return path
+
+
+__all__ = ["pretrain_supervised", "random_shift_flip", "save_backbone"]

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from selfmask.errors import SelfmaskError
-from selfmask.io import atomic_write_json, atomic_write_text, read_json_object, read_safetensors
+from selfmask.io import atomic_write_json, atomic_write_text, read_safetensors
+from selfmask.training.config import run_embedding  # noqa: F401  (cascade manifests read it from here)
 from selfmask.training.ownership import claim, folder_problem, release
 
 RUN_FILES = (
@@ -142,73 +143,79 @@ def write_run_config(
     run_meta: dict[str, Any] | None,
     **extra: Any,
 ) -> None:
-    """Write a run's ``config.json`` (backbone, masks, training settings, data; ``extra`` objective keys)."""
+    """Write a run's ``config.json`` through :class:`~selfmask.training.config.RunConfig` (its one writer).
+
+    ``extra`` holds the objective's settings under its name (``swav=``) and ``crops=``, as
+    config objects or their JSON dicts; ``run_meta`` the weights and provenance keys
+    (:data:`~selfmask.training.config.META_KEYS`). What is written is read back first, so a
+    key no reader knows fails here, before training, not when the run is resumed.
+    """
+    from selfmask.training.config import RUN_FORMAT_VERSION, RunConfig
+    from selfmask.training.fields import to_mapping
+
     meta = dict(run_meta or {})
-    run.write_json(
-        "config.json",
-        {
-            "backbone": info.name,
-            "embedding": info.embedding,
-            "weights": meta.pop("weights", None),
-            "seed": cfg.seed,
-            "mask": mcfg.to_dict() if mcfg else None,
-            "train": cfg.to_dict(),
-            "data": {
-                "name": train_set.name,
-                "num_classes": train_set.num_classes,
-                "train_images": len(train_set),
-                "labelled_images": labelled,
-                "resolution": train_set.resolution,
-            },
-            **extra,
-            **meta,
+    record = {
+        "format_version": RUN_FORMAT_VERSION,
+        "backbone": info.name,
+        "embedding": info.embedding,
+        "weights": meta.pop("weights", None),
+        "seed": cfg.seed,
+        "mask": mcfg.to_dict() if mcfg else None,
+        "train": cfg.to_dict(),
+        "data": {
+            "name": train_set.name,
+            "num_classes": train_set.num_classes,
+            "train_images": len(train_set),
+            "labelled_images": labelled,
+            "resolution": train_set.resolution,
         },
-    )
+        **{k: v if isinstance(v, dict) else to_mapping(v) for k, v in extra.items()},
+        **meta,
+    }
+    typed = RunConfig.from_json(record, f"config.json of {run.path}")
+    run.write_json("config.json", typed.to_json())
     run.set_status("running", epoch=0, total_epochs=cfg.epochs)
 
 
-def read_run_config(path: str | Path) -> dict[str, Any]:
-    """``config.json`` of a run folder, with a clear error when it is missing or invalid."""
-    f = Path(path) / "config.json"
-    if not f.is_file():
-        raise SelfmaskError(f"{str(path)!r} is not a run folder: {f.name} is missing")
-    cfg = read_json_object(f, str(f))
-    for key in ("backbone", "seed"):
-        if key not in cfg:
-            raise SelfmaskError(f"{f}: key {key!r} is missing")
-    return cfg
+def read_run_config(path: str | Path) -> Any:
+    """``RUN_DIR/config.json`` as a :class:`~selfmask.training.config.RunConfig`, with one clear error when
+    it is missing, has an unknown key or was written by a newer format."""
+    from selfmask.training.config import read_config_json
+
+    return read_config_json(path)
 
 
-def run_embedding(cfg: dict[str, Any]) -> str | None:
-    """The embedding a run's ``config.json`` records; runs written before it was recorded used the legacy one."""
-    from selfmask.backbones.registry import LEGACY_EMBEDDING, backbone_info
+def create_run_base(cfg: Any) -> Any:
+    """The base backbone of a run (:class:`~selfmask.training.config.RunConfig`), as training built it:
+    ``create_backbone(backbone, weights, embedding)`` after ``torch.manual_seed(seed)`` (a random base
+    depends on the seed)."""
+    import torch
 
-    if "embedding" in cfg:
-        return str(cfg["embedding"])
-    return LEGACY_EMBEDDING if backbone_info(cfg["backbone"]).embeddings else None
+    from selfmask.backbones import create_backbone
+
+    torch.manual_seed(cfg.seed)
+    return create_backbone(cfg.backbone, cfg.weights, cfg.embedding)
 
 
 def load_run(path: str | Path, device: str = "cpu"):
     """Rebuild ``(backbone, head, config)`` as a run left them: masks with their scores, or FFT weights.
 
-    The backbone is built with ``create_backbone(config["backbone"], config["weights"])``
-    (for ``weights: null``, the random initialisation after ``torch.manual_seed(seed)``),
-    returning the embedding the run recorded (see :func:`run_embedding`).
+    ``config`` is the run's :class:`~selfmask.training.config.RunConfig`. The backbone is
+    :func:`create_run_base`'s; a ``masked-random`` head is masked with the run's own
+    threshold and initial score (``train.mask``), so it has the masks it trained with.
     """
     import torch
 
-    from selfmask.backbones import backbone_info, create_backbone
-    from selfmask.masking import MaskConfig, mask_model
-    from selfmask.masking.config import LEGACY_DEFAULTS
+    from selfmask.backbones import backbone_info
+    from selfmask.masking import mask_model
+    from selfmask.training.config import head_mask_config
 
     path = Path(path)
     cfg = read_run_config(path)
-    torch.manual_seed(int(cfg["seed"]))
-    embedding = run_embedding(cfg)
-    backbone = create_backbone(cfg["backbone"], cfg.get("weights"), embedding)
-    info = backbone_info(cfg["backbone"], embedding)
-    if cfg.get("mask"):
-        mask_model(backbone, MaskConfig.from_dict({**LEGACY_DEFAULTS, **cfg["mask"]}))  # older runs: their meaning
+    backbone = create_run_base(cfg)
+    info = backbone_info(cfg.backbone, cfg.embedding)
+    if cfg.mask is not None:
+        mask_model(backbone, cfg.mask)
         load_scores_and_buffers(backbone, path)
     elif (path / "weights.safetensors").is_file():
         backbone.load_state_dict(read_safetensors(path / "weights.safetensors"))
@@ -216,12 +223,13 @@ def load_run(path: str | Path, device: str = "cpu"):
     head_file = path / "head.safetensors"
     if head_file.is_file():
         state = read_safetensors(head_file)
-        num_classes = int(cfg.get("data", {}).get("num_classes", 0)) or None
+        num_classes = int((cfg.data or {}).get("num_classes", 0)) or None
         weight_key = "weight" if "weight" in state else "parametrizations.weight.original"
         out_dim = state[weight_key].shape[0] if num_classes is None else num_classes
         head = torch.nn.Linear(info.embed_dim, out_dim)
-        if "weight" not in state:
-            mask_model(head, MaskConfig(targets=["weight"]))
+        if "weight" not in state:  # the masked-random head: its masks come from its scores and the run's mu, S0
+            mu_s0 = (cfg.train.mask.threshold, cfg.train.mask.init_score) if cfg.train is not None else (0.0, 1.0)
+            mask_model(head, head_mask_config(*mu_s0))
         head.load_state_dict(state)
     return backbone.to(device), (head.to(device) if head is not None else None), cfg
 

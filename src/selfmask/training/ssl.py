@@ -1,14 +1,16 @@
-"""Self-supervised masking: the SwAV objective over multi-crop views (METHOD.md section 2).
+"""Self-supervised masking: SwAV (and any other self-supervised objective of the registry)
+over multi-crop views (METHOD.md section 2), a thin wrapper over the training engine.
 
-``adapt_swav`` trains masks (a self-masking network, SMN) or all weights (SwAV
-pretraining, ``method="fft"``) with no labels. The projection head and prototypes
-train with their own learning rate and are dropped afterwards. Same run folder,
-progress, metrics and NaN/Ctrl-C handling as the supervised loop.
+``adapt_ssl`` trains masks (a self-masking network, SMN) or all weights (self-supervised
+pretraining, ``method="fft"``) with no labels, with the objective ``cfg.objective`` names
+(:mod:`selfmask.objectives.registry`). The objective's modules (SwAV's projection head
+and prototypes) train with their own learning rate and are dropped afterwards. Same run
+folder, progress, metrics and NaN/Ctrl-C handling as the supervised loop: it is the same
+engine (:func:`selfmask.training.engine.train`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -21,35 +23,19 @@ from torch import nn
 from selfmask.backbones.registry import BackboneInfo
 from selfmask.data.base import ImageTensorDataset
 from selfmask.errors import SelfmaskError
-from selfmask.masking import mask_summary
-from selfmask.objectives import SwAVConfig, SwAVObjective, collapse_warning, validate_queue
+from selfmask.objectives import SwAVConfig
+from selfmask.objectives.registry import ObjectiveInputs, create_objective, default_crops, get_factory
 from selfmask.training.config import TrainConfig
 from selfmask.training.distributed import (
     DistContext,
     all_gather_rows,
-    all_reduce_sum,
-    check_world,
     current_context,
-    rank_seed,
     shard_range,
-    to_sync_batchnorm,
     training_device,
 )
+from selfmask.training.engine import TrainResult, finish, prepare_training, train
 from selfmask.training.identity import with_run_identity
-from selfmask.training.loop import LoopSpec, run_epochs
 from selfmask.training.run_folder import RunFolder, write_run_config
-from selfmask.training.schedule import make_scheduler
-from selfmask.training.trainer import (
-    TrainResult,
-    autocast_for,
-    make_optimizer,
-    prepare_backbone,
-    prepare_input,
-    resolve_device,
-    save_trained,
-    speed_setup,
-    wrap_for_training,
-)
 
 log = logging.getLogger("selfmask.train")
 
@@ -65,35 +51,64 @@ class OnlineEval:
     temperature: float = 0.07
 
 
-def _embed_crops(backbone: nn.Module, crops: list[torch.Tensor], cfg: TrainConfig | None = None) -> list[torch.Tensor]:
-    """Backbone embeddings of every crop, one forward pass per crop resolution."""
-    out: list[torch.Tensor] = []
-    i = 0
-    while i < len(crops):
-        j = i
-        while j < len(crops) and crops[j].shape[-2:] == crops[i].shape[-2:]:
-            j += 1
-        batch = torch.cat(crops[i:j])
-        emb = backbone(prepare_input(batch, cfg) if cfg is not None else batch)
-        out.extend(emb.float().split(crops[i].shape[0]))
-        i = j
-    return out
+def adapt_ssl(
+    backbone: nn.Module,
+    info: BackboneInfo,
+    train_set: ImageTensorDataset,
+    cfg: TrainConfig,
+    settings: Any = None,
+    *,
+    objective: str | None = None,
+    crops: Any = None,
+    run: RunFolder | None = None,
+    run_meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    online_eval: OnlineEval | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    resume: bool = False,
+) -> TrainResult:
+    """Train with a self-supervised objective; labels of ``train_set`` are never read.
 
+    Args:
+        settings: the objective's recipe (a ``SwAVConfig`` for SwAV; ``None``: its defaults).
+        objective: a registered objective name (default: ``cfg.objective``).
+        crops: a ``selfmask.data.multicrop.MultiCrop`` (default: the paper's 2 large +
+            6 small crops, sizes scaled to the training images).
+        online_eval: a k-NN on a labelled split every few epochs, added to the metrics.
+    """
+    name = cfg.objective if objective is None else objective
+    if name == "supervised":
+        raise SelfmaskError("adapt_ssl(): the supervised objective is trained by adapt()")
+    get_factory(name)  # an unknown objective: one clear error before anything is set up
+    if cfg.method not in ("mask", "topk", "fft"):
+        raise SelfmaskError(f"self-supervised training needs method mask, topk or fft, got {cfg.method!r}")
+    n = len(train_set)
+    if min(cfg.batch_size, n) < 2:
+        raise SelfmaskError(f"{name}: self-supervised training needs batches of at least 2 images; the training set has {n}")
+    crops = crops or default_crops(ObjectiveInputs(info, train_set, cfg))  # made before the seed, as always
+    inputs = ObjectiveInputs(info, train_set, cfg, settings, crops)
+    backbone, obj, mcfg, groups = prepare_training(backbone, info, cfg, lambda: create_objective(name, inputs))
+    recipe = obj.config_dict()
+    ctx = current_context()
+    log.info(
+        "adapt (%s): method=%s backbone=%s images=%d batch=%d epochs=%d lr=%g device=%s processes=%d",
+        name, cfg.method, info.name, n, min(cfg.batch_size, n), cfg.epochs, cfg.resolved_lr,
+        training_device(cfg.device, ctx), ctx.world_size,
+    )
 
-class SwAVModel(nn.Module):
-    """Backbone + SwAV objective as one module (one DistributedDataParallel over both)."""
+    def online_knn(epoch: int) -> dict[str, Any]:
+        if online_eval is None or epoch % online_eval.every:
+            return {}
+        return {"online_knn": _online_knn(backbone, info, online_eval, training_device(cfg.device, ctx), ctx)}
 
-    def __init__(self, backbone: nn.Module, objective: SwAVObjective, cfg: TrainConfig) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.objective = objective
-        self.cfg = cfg
-
-    def forward(self, crops: list[torch.Tensor], epoch: int, iteration: int) -> tuple[torch.Tensor, dict[str, float]]:
-        warmup = iteration < self.objective.cfg.freeze_backbone_iters  # head warm-up: no gradient reaches the backbone
-        with torch.no_grad() if warmup else contextlib.nullcontext():  # so no graph is recorded for it either
-            embeddings = _embed_crops(self.backbone, crops, self.cfg)
-        return self.objective(embeddings, epoch=epoch, iteration=iteration)
+    history, steps = train(
+        backbone, obj, train_set, cfg, param_groups=groups, run=run, resume=resume,
+        progress=progress, on_epoch=on_epoch, epoch_extra=online_knn, desc=f"{obj.name} {cfg.method}",
+        write_config=lambda: write_run_config(run, info, train_set, 0, cfg, mcfg, run_meta,
+                                              **{name: recipe, "crops": _crops_dict(crops)}),
+        fingerprint=with_run_identity({"train": cfg.to_dict(), name: recipe}, info.name, run_meta, _crops_dict(crops)),
+    )
+    return finish(TrainResult(backbone, None, cfg, mcfg, history, None), run, steps)
 
 
 def adapt_swav(
@@ -111,7 +126,7 @@ def adapt_swav(
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
     resume: bool = False,
 ) -> TrainResult:
-    """Train with SwAV; labels of ``train_set`` are never read.
+    """Train with SwAV (:func:`adapt_ssl` with the ``swav`` objective); labels are never read.
 
     Args:
         crops: a ``selfmask.data.multicrop.MultiCrop`` (default: the paper's 2 large +
@@ -119,84 +134,8 @@ def adapt_swav(
         swav: the SwAV recipe (default: the paper's, 500 prototypes, queue of 512
             from epoch 30).
     """
-    from selfmask.data.multicrop import MultiCrop
-
-    if cfg.method not in ("mask", "topk", "fft"):
-        raise SelfmaskError(f"self-supervised training needs method mask, topk or fft, got {cfg.method!r}")
-    swav = swav or SwAVConfig()
-    ctx = current_context()
-    dev = resolve_device(training_device(cfg.device, ctx))
-    crops = crops or MultiCrop.for_input_size(train_set.resolution, seed=cfg.seed, mean=info.mean, std=info.std)
-    n = len(train_set)
-    bs = min(cfg.batch_size, n)
-    if bs < 2:
-        raise SelfmaskError(f"SwAV needs batches of at least 2 images; the training set has {n}")
-    validate_queue(swav, n, bs)
-    check_world(ctx, bs, n)
-    if cfg.sync_bn:
-        backbone = to_sync_batchnorm(backbone, ctx, cfg.device)
-    torch.manual_seed(cfg.seed)
-    mcfg, groups = prepare_backbone(backbone, info, cfg)
-    objective = SwAVObjective(info.embed_dim, swav)
-    backbone.to(dev)
-    objective.to(dev)
-    speed_setup(backbone, cfg)
-    # prototypes frozen for the first iterations take no part in the graph: DDP must look for unused ones
-    model = wrap_for_training(SwAVModel(backbone, objective, cfg), cfg, ctx,
-                              find_unused=swav.freeze_prototypes_iters > 0)
-    opt = make_optimizer(groups + objective.param_groups(), cfg.momentum)
-    steps_per_epoch = max(1, n // bs)
-    sched = make_scheduler(opt, steps_per_epoch * cfg.epochs, round(cfg.warmup_epochs * steps_per_epoch))
-    if run is not None and not resume and ctx.is_main:
-        write_run_config(run, info, train_set, 0, cfg, mcfg, run_meta, swav=swav.to_dict(), crops=_crops_dict(crops))
-    log.info(
-        "adapt (SwAV): method=%s backbone=%s images=%d batch=%d epochs=%d lr=%g prototypes=%d device=%s processes=%d",
-        cfg.method, info.name, n, bs, cfg.epochs, cfg.resolved_lr, swav.num_prototypes, dev, ctx.world_size,
-    )
-    gen = torch.Generator().manual_seed(rank_seed(cfg.seed, ctx))
-
-    def step_fn(idx: torch.Tensor, epoch: int, step: int) -> tuple[torch.Tensor, dict[str, float]]:
-        x = train_set.images[idx].to(dev, non_blocking=True)
-        views = crops(x, generator=gen)
-        with autocast_for(cfg, dev):
-            loss, _stats = model(views, epoch, step)
-        return loss, {"loss": float(loss.detach()) * len(idx), "seen": len(idx)}
-
-    def set_mode() -> None:
-        backbone.train()
-        objective.train()
-
-    def epoch_row(sums: dict[str, float]) -> dict[str, Any]:
-        if ctx.enabled:  # prototype usage over the global batches of the epoch
-            objective.assignment_counts.copy_(all_reduce_sum(objective.assignment_counts, ctx))
-        usage = objective.prototype_usage()
-        row: dict[str, Any] = {"loss": sums["loss"] / sums["seen"], "prototypes_used": usage["used_fraction"]}
-        if mcfg is not None:
-            row["fraction_active"] = mask_summary(backbone).fraction_active
-        warning = collapse_warning(row["loss"], swav.num_prototypes, **usage)
-        if warning:
-            row["collapse_warning"] = warning
-            log.warning("%s", warning)
-        if online_eval is not None and (len(history_ref) + 1) % online_eval.every == 0:
-            row["online_knn"] = _online_knn(backbone, info, online_eval, str(dev), ctx)
-        history_ref.append(None)
-        return row
-
-    history_ref: list[None] = []
-    spec = LoopSpec(
-        num_items=n, batch_size=bs, epochs=cfg.epochs, seed=cfg.seed, optimizer=opt, scheduler=sched, generator=gen,
-        modules={"backbone": backbone, "objective": objective}, set_train_mode=set_mode, epoch_row=epoch_row,
-        after_step=objective.after_optimizer_step, extra_state={"assignment_counts": objective.assignment_counts},
-        checkpoint_every=cfg.checkpoint_every, desc=f"SwAV {cfg.method}", progress=progress and ctx.is_main, dist=ctx,
-    )
-    history, step = run_epochs(spec, step_fn, run=run, resume=resume, on_epoch=on_epoch,
-                               config_fingerprint=with_run_identity({"train": cfg.to_dict(), "swav": swav.to_dict()},
-                                                                     info.name, run_meta, _crops_dict(crops)))
-    result = TrainResult(backbone, None, cfg, mcfg, history, None)
-    if run is not None and ctx.is_main:
-        save_trained(result, run)
-        run.set_status("trained", epoch=len(history), step=step, total_epochs=cfg.epochs)
-    return result
+    return adapt_ssl(backbone, info, train_set, cfg, swav or SwAVConfig(), objective="swav", crops=crops, run=run,
+                     run_meta=run_meta, progress=progress, online_eval=online_eval, on_epoch=on_epoch, resume=resume)
 
 
 def _online_knn(backbone: nn.Module, info: BackboneInfo, ev: OnlineEval, device: str, ctx: DistContext) -> float:
