@@ -254,3 +254,19 @@ def test_cli_reports_a_folder_that_is_not_a_run(tmp_path, capsys) -> None:
 
     assert main(["cascade", str(tmp_path), "--out", str(tmp_path / "c")]) == 2
     assert "is not a run folder" in capsys.readouterr().err
+
+
+def test_cli_builds_evaluates_and_records_a_cascade(built, tmp_path, capsys) -> None:
+    from selfmask.cli.main import main
+
+    out = tmp_path / "c"
+    argv = ["cascade", str(built["dispatcher"]), "--out", str(out), "--data", "embedded-tiny", "--cache-dir",
+            str(built["root"] / "data"), "--experts", "2", "--router", "kmeans", "--router-dim", "8",
+            "--min-group-size", "8", "--fusion-dim", "16", "--no-probe", "--no-progress", "--time-images", "8"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"] == "embedded-tiny" and results["build"]["group_sizes"]
+    assert set(results["evaluation"]) >= {"single_smn", "unconditional"}
+    for name, row in results["evaluation"].items():
+        assert f"{name}: k-NN {row['knn_accuracy']:.4f}" in printed

@@ -38,35 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from selfmask.cascade import CascadeConfig, build_cascade, evaluate_cascade, time_inference
+    from selfmask.cascade import CascadeConfig
     from selfmask.cli.common import check_eval_args, setup_logging
-    from selfmask.data.sources import load_data
-    from selfmask.errors import SelfmaskError
-    from selfmask.io import atomic_write_json
-    from selfmask.training.run_folder import read_run_config
+    from selfmask.experiments.cascade import run_cascade
 
     setup_logging()
     check_eval_args(args)
     cfg = CascadeConfig(num_experts=args.experts, router=args.router, router_dim=args.router_dim,
                         min_group_size=args.min_group_size, fusion_dim=args.fusion_dim, seed=args.seed)
-    dcfg = read_run_config(args.dispatcher)
-    spec = args.data or dcfg.data_spec
-    if not spec:
-        raise SelfmaskError(f"{args.dispatcher}/config.json records no data_spec; pass --data")
-    from selfmask.backbones import backbone_info
-
-    info = backbone_info(dcfg.backbone, dcfg.embedding)
-    train, test = load_data(spec, resolution=info.input_size, cache_dir=args.cache_dir)
-    cascade, report = build_cascade(args.dispatcher, train, args.out, cfg, overwrite=args.overwrite,
-                                    progress=not args.no_progress)
-    results = {"build": report, "storage_bits": cascade.storage_bits(), "data": spec, "embedding": cascade.info.embedding}
-    if not args.no_eval:
-        results["evaluation"] = evaluate_cascade(cascade, train, test, knn_k=args.knn_k,
-                                                 knn_temperature=args.knn_temperature,
-                                                 linear_probe=not args.no_probe, seed=args.seed)
-    if args.time_images > 0:
-        results["inference"] = time_inference(cascade, test.images[: args.time_images])
-    atomic_write_json(args.out / "results.json", results)
+    cascade, results = run_cascade(args.dispatcher, args.out, cfg, data=args.data, cache_dir=args.cache_dir,
+                                   overwrite=args.overwrite, progress=not args.no_progress, evaluate=not args.no_eval,
+                                   knn_k=args.knn_k, knn_temperature=args.knn_temperature,
+                                   linear_probe=not args.no_probe, time_images=args.time_images)
+    report = results["build"]
     print(f"cascade folder: {args.out} ({cascade.num_experts} experts, groups {report['group_sizes']})")
     for note in report["router_notes"]:
         print(f"  router: {note}")
