@@ -276,3 +276,21 @@ def test_adapt_ssl_refuses_an_unknown_objective_before_any_set_up() -> None:
     with pytest.raises(SelfmaskError, match="unknown objective 'byol'; known objectives: "):
         adapt_ssl(backbone, INFO, DATA, CFG, objective="byol", progress=False)
     assert torch.equal(torch.rand(3), expected)  # the global generator was not reseeded or drawn from
+
+
+def test_self_supervised_training_refuses_crops_a_vit_cannot_take_before_training(tmp_path) -> None:
+    from selfmask.backbones import backbone_info, create_backbone
+    from selfmask.data.base import ImageTensorDataset
+    from selfmask.errors import SelfmaskError
+    from selfmask.training.config import TrainConfig
+    from selfmask.training.run_folder import RunFolder
+    from selfmask.training.ssl import adapt_ssl
+
+    info = backbone_info("vit_tiny_clip")
+    data = ImageTensorDataset(torch.zeros(8, 3, 32, 32, dtype=torch.uint8), torch.zeros(8, dtype=torch.long),
+                              ["a"], "zeros")
+    run = RunFolder(tmp_path / "run").prepare()
+    cfg = TrainConfig(method="mask", objective="swav", epochs=1, batch_size=4)
+    with pytest.raises(SelfmaskError, match=r"takes only 32x32 images .* small crops are 14 px: pass --small-crop-size 32"):
+        adapt_ssl(create_backbone("vit_tiny_clip"), info, data, cfg, run=run, progress=False)
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before the run was recorded

@@ -86,6 +86,7 @@ def adapt_ssl(
     if min(cfg.batch_size, n) < 2:
         raise SelfmaskError(f"{name}: self-supervised training needs batches of at least 2 images; the training set has {n}")
     crops = crops or default_crops(ObjectiveInputs(info, train_set, cfg))  # made before the seed, as always
+    check_crop_sizes(backbone, crops)
     inputs = ObjectiveInputs(info, train_set, cfg, settings, crops)
     backbone, obj, mcfg, groups = prepare_training(backbone, info, cfg, lambda: create_objective(name, inputs))
     recipe = obj.config_dict()
@@ -109,6 +110,23 @@ def adapt_ssl(
         fingerprint=with_run_identity({"train": cfg.to_dict(), name: recipe}, info.name, run_meta, _crops_dict(crops)),
     )
     return finish(TrainResult(backbone, None, cfg, mcfg, history, None), run, steps)
+
+
+def check_crop_sizes(backbone: nn.Module, crops: Any) -> None:
+    """Refuse, before any training, crops a backbone cannot take: a ViT whose position embeddings fix its
+    input size (``input_resolution``) takes no other crop size."""
+    fixed = getattr(backbone, "input_resolution", None)
+    config = getattr(crops, "config", None)
+    if not isinstance(fixed, int) or config is None:
+        return
+    sizes = {"large": config.large_size, **({"small": config.small_size} if config.n_small else {})}
+    wrong = {kind: size for kind, size in sizes.items() if size != fixed}
+    if wrong:
+        which = " and ".join(f"{kind} crops are {size} px" for kind, size in wrong.items())
+        raise SelfmaskError(
+            f"{type(backbone).__name__} takes only {fixed}x{fixed} images (its position embeddings fix the size), "
+            f"but the {which}: pass --small-crop-size {fixed} (or --small-crops 0)"
+        )
 
 
 def adapt_swav(
