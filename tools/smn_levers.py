@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from selfmask.backbones import backbone_info, create_backbone
 from selfmask.data.embedded import DOWNSTREAM_APPEARANCE, DOWNSTREAM_APPEARANCE_V1, build_embedded
 from selfmask.data.render import Appearance
+from selfmask.data.sources import _resized
 from selfmask.evaluation.features import extract_features
 from selfmask.evaluation.knn import knn_accuracy
 from selfmask.evaluation.linear_probe import linear_probe
@@ -57,7 +58,8 @@ def evaluate(model, info, bank, val) -> dict[str, float]:  # noqa: ANN001
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("weights")
+    ap.add_argument("weights", nargs="?", default=None, help="backbone weights (default: the backbone's own, if any)")
+    ap.add_argument("--backbone", default="resnet_tiny", help="any built-in backbone (e.g. efficientnet_lite0_64)")
     ap.add_argument("--data", choices=sorted(APPEARANCES), default="v2")
     ap.add_argument("--steps", type=int, default=552)
     ap.add_argument("--warmup", type=int, default=138, help="head warm-up steps (freeze_backbone_iters)")
@@ -73,12 +75,14 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
+    info = backbone_info(args.backbone)
     full = build_embedded(0, downstream_appearance=APPEARANCES[args.data]).downstream_train
+    if info.input_size != full.resolution:  # bicubic, as `--data embedded` does for such a backbone
+        full = _resized(full, info.input_size)
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(123))
     bank, val = full.subset(perm[600:]), full.subset(perm[:600])
-    info = backbone_info("resnet_tiny")
     res = {"args": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "pretrained": evaluate(create_backbone("resnet_tiny", args.weights), info, bank, val)}
+           "pretrained": evaluate(create_backbone(args.backbone, args.weights), info, bank, val)}
     print("pretrained", res["pretrained"], flush=True)
 
     recipe = DemoConfig(  # the demo's recipe with this row's levers
@@ -87,7 +91,7 @@ def main() -> None:
         smn_small_size=args.small_size, smn_color=not args.no_color,
     )
     swav, tcfg, crops = smn_recipe(recipe, info, len(full))
-    result = adapt_swav(create_backbone("resnet_tiny", args.weights), info, full, tcfg, swav, crops=crops, progress=False)
+    result = adapt_swav(create_backbone(args.backbone, args.weights), info, full, tcfg, swav, crops=crops, progress=False)
     res["loss"] = [round(h["loss"], 4) for h in result.history]
     res["fraction_active"] = result.history[-1].get("fraction_active")
     res["smn"] = evaluate(result.backbone, info, bank, val)
