@@ -8,66 +8,66 @@ from typing import Any
 from selfmask.errors import SelfmaskError
 
 def pretrain_objectives() -> tuple[str, ...]:
-    """Objectives ``selfmask pretrain`` offers: supervised, SwAV with its recipe scaled to the data
-    (:func:`pretrain_swav`), and every other registered self-supervised objective (:func:`pretrain_ssl`,
-    e.g. ``dino``)."""
+    """Objectives ``selfmask pretrain`` offers: supervised, and every registered self-supervised objective
+    (:func:`pretrain_ssl`; SwAV and DINO with recipes scaled to the data, others with their defaults)."""
     from selfmask.objectives.registry import objective_names
 
     return tuple(objective_names())
 
 
-def pretrain_swav(train: Any, *, backbone: str, epochs: int, lr: float | None = None, prototypes: int = 100,
-                  seed: int = 0, device: str = "cpu", progress: bool = True) -> tuple[Any, list[dict[str, Any]]]:
-    """SwAV pretraining of every weight from a random initialisation (like the paper's ResNet-50 SwAV),
-    with the recipe scaled to the data: an MLP projection head, a queue of at most half the data from a
-    fifth of the epochs on, prototypes frozen for the first twentieth of the steps. Returns
-    ``(backbone, history)``."""
-    import torch
-
-    from selfmask.backbones import backbone_info, build_backbone
+def _swav_recipe(info: Any, n: int, epochs: int, steps: int, prototypes: int) -> tuple[Any, float, float]:
+    """SwAV pretraining as the paper's ResNet-50 SwAV, scaled to the data: an MLP projection head, a queue of
+    at most half the data from a fifth of the epochs on, prototypes frozen for the first twentieth of the steps."""
     from selfmask.objectives import SwAVConfig
-    from selfmask.training.config import TrainConfig
-    from selfmask.training.ssl import adapt_swav
 
-    info = backbone_info(backbone)
-    torch.manual_seed(seed)
-    model = build_backbone(backbone)
-    steps = max(1, len(train) // 64) * epochs
     swav = SwAVConfig(
         num_prototypes=prototypes, projection_hidden_dim=2 * info.embed_dim,
-        queue_length=min(512, len(train) // 2), queue_start_epoch=max(1, epochs // 5),
+        queue_length=min(512, n // 2), queue_start_epoch=max(1, epochs // 5),
         freeze_prototypes_iters=max(1, steps // 20),
     )
-    cfg = TrainConfig(method="fft", objective="swav", epochs=epochs, lr=lr or 0.3, weight_decay=1e-6,
-                      warmup_epochs=min(1.0, epochs / 10), seed=seed, device=device)
-    result = adapt_swav(model, info, train, cfg, swav, progress=progress)
-    return result.backbone, result.history
+    return swav, 0.3, 1e-6
 
 
-def pretrain_ssl(train: Any, *, backbone: str, objective: str, epochs: int, lr: float | None = None, seed: int = 0,
-                 device: str = "cpu", progress: bool = True) -> tuple[Any, list[dict[str, Any]]]:
-    """Pretrain every weight from a random initialisation with a registered self-supervised ``objective``
-    (its default settings; DINO with the BatchNorm head its masks needed on this benchmark, docs/dino.md).
-    Returns ``(backbone, history)``."""
+def _dino_recipe(info: Any, n: int, epochs: int, steps: int, prototypes: int) -> tuple[Any, float, float]:
+    """DINO with the BatchNorm head its masks needed on this benchmark (docs/dino.md), the last layer frozen
+    for the first twentieth of the steps."""
+    from selfmask.objectives.dino import DINOConfig
+
+    return DINOConfig(head_batchnorm=True, freeze_last_layer_iters=max(1, steps // 20)), 0.03, 1e-4
+
+
+#: objective -> (settings, default lr, weight decay) of its pretraining recipe; others: defaults, 0.03, 1e-4
+_RECIPES = {"swav": _swav_recipe, "dino": _dino_recipe}
+
+
+def pretrain_ssl(train: Any, *, backbone: str, objective: str, epochs: int, lr: float | None = None,
+                 prototypes: int = 100, seed: int = 0, device: str = "cpu",
+                 progress: bool = True) -> tuple[Any, list[dict[str, Any]]]:
+    """Pretrain every weight of ``backbone`` from a random initialisation with the self-supervised
+    ``objective`` (``prototypes``: SwAV's K). Returns ``(backbone, history)``."""
     import torch
 
     from selfmask.backbones import backbone_info, build_backbone
-    from selfmask.objectives.registry import objective_settings
     from selfmask.training.config import TrainConfig
     from selfmask.training.ssl import adapt_ssl
 
     info = backbone_info(backbone)
     torch.manual_seed(seed)
     model = build_backbone(backbone)
-    settings_cls = objective_settings(objective)
     steps = max(1, len(train) // 64) * epochs
-    settings = None
-    if settings_cls is not None and objective == "dino":
-        settings = settings_cls(head_batchnorm=True, freeze_last_layer_iters=max(1, steps // 20))
-    cfg = TrainConfig(method="fft", objective=objective, epochs=epochs, lr=lr or 0.03, weight_decay=1e-4,
+    recipe = _RECIPES.get(objective)
+    settings, default_lr, wd = recipe(info, len(train), epochs, steps, prototypes) if recipe else (None, 0.03, 1e-4)
+    cfg = TrainConfig(method="fft", objective=objective, epochs=epochs, lr=lr or default_lr, weight_decay=wd,
                       warmup_epochs=min(1.0, epochs / 10), seed=seed, device=device)
     result = adapt_ssl(model, info, train, cfg, settings, objective=objective, progress=progress)
     return result.backbone, result.history
+
+
+def pretrain_swav(train: Any, *, backbone: str, epochs: int, lr: float | None = None, prototypes: int = 100,
+                  seed: int = 0, device: str = "cpu", progress: bool = True) -> tuple[Any, list[dict[str, Any]]]:
+    """SwAV pretraining (:func:`pretrain_ssl` with ``objective="swav"``)."""
+    return pretrain_ssl(train, backbone=backbone, objective="swav", epochs=epochs, lr=lr, prototypes=prototypes,
+                        seed=seed, device=device, progress=progress)
 
 
 def run_pretrain(*, data: str, backbone: str, objective: str, epochs: int, out: Path, lr: float | None = None,
@@ -91,16 +91,13 @@ def run_pretrain(*, data: str, backbone: str, objective: str, epochs: int, out: 
     if objective not in pretrain_objectives():
         raise SelfmaskError(f"--objective must be one of {', '.join(pretrain_objectives())}, got {objective!r}")
     train, _test = load_data(data, resolution=info.input_size, cache_dir=cache_dir)
-    if objective == "swav":
-        model, history = pretrain_swav(train, backbone=backbone, epochs=epochs, lr=lr, prototypes=prototypes,
-                                       seed=seed, device=device, progress=progress)
-    elif objective != "supervised":
-        model, history = pretrain_ssl(train, backbone=backbone, objective=objective, epochs=epochs, lr=lr, seed=seed,
-                                      device=device, progress=progress)
-    else:
+    if objective == "supervised":
         kw = {"lr": lr} if lr is not None else {}
         model, history = pretrain_supervised(train, backbone=backbone, epochs=epochs, seed=seed, device=device,
                                              progress=progress, **kw)
+    else:
+        model, history = pretrain_ssl(train, backbone=backbone, objective=objective, epochs=epochs, lr=lr,
+                                      prototypes=prototypes, seed=seed, device=device, progress=progress)
     save_backbone(model, out)
     return history
 
