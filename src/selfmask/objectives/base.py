@@ -57,10 +57,13 @@ Each step the engine calls, in order::
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+
+from selfmask.errors import SelfmaskError
 
 
 @runtime_checkable
@@ -121,3 +124,22 @@ def embed_crops(backbone: nn.Module, crops: list[torch.Tensor]) -> list[torch.Te
         out.extend(emb.float().split(crops[i].shape[0]))
         i = j
     return out
+
+
+# ---------------------------------------------------------------- objective settings (SwAVConfig, DINOConfig)
+def is_int(value: object) -> bool:
+    """An integer setting (``True`` is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def settings_error(settings: Any, name: str, expected: str) -> SelfmaskError:
+    """``<Class>.<field>: expected ..., got ...``: the one-line error of a bad objective setting."""
+    return SelfmaskError(f"{type(settings).__name__}.{name}: expected {expected}, got {getattr(settings, name)!r}")
+
+
+def refuse_unknown_keys(cls: type, data: dict[str, Any]) -> None:
+    """A settings dict (a run's ``config.json``) with a key ``cls`` does not have is refused, naming it."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise SelfmaskError(f"{cls.__name__}: unknown keys {unknown}; expected a subset of {sorted(known)}")

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfmask.errors import SelfmaskError
-from selfmask.objectives.base import embed_crops
+from selfmask.objectives.base import embed_crops, is_int, refuse_unknown_keys, settings_error
 from selfmask.objectives.sinkhorn import AllReduce, resolve_all_reduce
 
 
@@ -110,33 +110,27 @@ class DINOConfig:
     head_weight_decay: float = 1e-4
 
     def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> SelfmaskError:
-            return SelfmaskError(f"DINOConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
         def is_real(v: object) -> bool:
             return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
         if not is_int(self.out_dim) or self.out_dim < 2:
-            raise bad("out_dim", "an integer >= 2 (a distribution over at least 2 outputs)")
+            raise settings_error(self, "out_dim", "an integer >= 2 (a distribution over at least 2 outputs)")
         for name in ("hidden_dim", "bottleneck_dim", "num_layers"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise bad(name, "an integer >= 1")
+                raise settings_error(self, name, "an integer >= 1")
         for name in ("student_temperature", "teacher_temperature", "warmup_teacher_temperature", "head_lr"):
             if not is_real(getattr(self, name)) or getattr(self, name) <= 0:
-                raise bad(name, "a finite number > 0")
+                raise settings_error(self, name, "a finite number > 0")
         if not is_real(self.head_weight_decay) or self.head_weight_decay < 0:
-            raise bad("head_weight_decay", "a finite number >= 0")
+            raise settings_error(self, "head_weight_decay", "a finite number >= 0")
         for name in ("center_momentum", "teacher_momentum", "final_teacher_momentum"):
             if not is_real(getattr(self, name)) or not 0 <= getattr(self, name) <= 1:
-                raise bad(name, "a number in [0, 1]")
+                raise settings_error(self, name, "a number in [0, 1]")
         if not isinstance(self.head_batchnorm, bool):
-            raise bad("head_batchnorm", "true or false")
+            raise settings_error(self, "head_batchnorm", "true or false")
         for name in ("warmup_teacher_temperature_iters", "freeze_last_layer_iters", "freeze_backbone_iters"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "an integer >= 0")
+                raise settings_error(self, name, "an integer >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable fields (for run folders)."""
@@ -144,10 +138,7 @@ class DINOConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DINOConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SelfmaskError(f"DINOConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        refuse_unknown_keys(cls, data)
         return cls(**data)
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from selfmask.errors import SelfmaskError
-from selfmask.objectives.base import embed_crops
+from selfmask.objectives.base import embed_crops, is_int, refuse_unknown_keys, settings_error
 from selfmask.objectives.sinkhorn import AllReduce, resolve_all_reduce
 from selfmask.objectives.swav_loss import assign_codes, collapse_warning, swav_loss
 
@@ -82,36 +82,31 @@ class SwAVConfig:
     head_weight_decay: float = 1e-6
 
     def __post_init__(self) -> None:
-        def bad(name: str, expected: str) -> SelfmaskError:
-            return SelfmaskError(f"SwAVConfig.{name}: expected {expected}, got {getattr(self, name)!r}")
-
-        def is_int(v: object) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
         if not is_int(self.num_prototypes) or self.num_prototypes < 2:
-            raise bad("num_prototypes", "an integer >= 2 (codes spread a batch over at least 2 prototypes)")
+            raise settings_error(self, "num_prototypes",
+                                 "an integer >= 2 (codes spread a batch over at least 2 prototypes)")
         for name in ("temperature", "epsilon", "head_lr"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise bad(name, "a finite number > 0")
+                raise settings_error(self, name, "a finite number > 0")
         if not isinstance(self.head_weight_decay, (int, float)) or not (
             math.isfinite(self.head_weight_decay) and self.head_weight_decay >= 0
         ):
-            raise bad("head_weight_decay", "a finite number >= 0")
+            raise settings_error(self, "head_weight_decay", "a finite number >= 0")
         if not is_int(self.sinkhorn_iterations) or self.sinkhorn_iterations < 1:
-            raise bad("sinkhorn_iterations", "an integer >= 1")
+            raise settings_error(self, "sinkhorn_iterations", "an integer >= 1")
         for name in ("queue_length", "queue_start_epoch", "freeze_prototypes_iters", "freeze_backbone_iters"):
             if not is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise bad(name, "an integer >= 0")
+                raise settings_error(self, name, "an integer >= 0")
         if not is_int(self.projection_dim) or self.projection_dim < 1:
-            raise bad("projection_dim", "an integer >= 1")
+            raise settings_error(self, "projection_dim", "an integer >= 1")
         if self.projection_hidden_dim is not None and (
             not is_int(self.projection_hidden_dim) or self.projection_hidden_dim < 1
         ):
-            raise bad("projection_hidden_dim", "None (one Linear) or an integer >= 1")
+            raise settings_error(self, "projection_hidden_dim", "None (one Linear) or an integer >= 1")
         cfa = tuple(self.crops_for_assign)
         if not cfa or any(not is_int(a) or a < 0 for a in cfa) or len(set(cfa)) != len(cfa):
-            raise bad("crops_for_assign", "a non-empty tuple of distinct crop indices >= 0")
+            raise settings_error(self, "crops_for_assign", "a non-empty tuple of distinct crop indices >= 0")
         object.__setattr__(self, "crops_for_assign", cfa)
 
     @property
@@ -127,10 +122,7 @@ class SwAVConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SwAVConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise SelfmaskError(f"SwAVConfig: unknown keys {unknown}; expected a subset of {sorted(known)}")
+        refuse_unknown_keys(cls, data)
         data = dict(data)
         if "crops_for_assign" in data:
             data["crops_for_assign"] = tuple(data["crops_for_assign"])
