@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from selfmask.backbones import backbone_info, create_backbone
 from selfmask.data.embedded import DOWNSTREAM_APPEARANCE, DOWNSTREAM_APPEARANCE_V1, build_embedded
 from selfmask.data.render import Appearance
-from selfmask.data.sources import _resized
+from selfmask.data.sources import resized
 from selfmask.evaluation.features import extract_features
 from selfmask.evaluation.knn import knn_accuracy
 from selfmask.evaluation.linear_probe import linear_probe
@@ -78,7 +78,7 @@ def main() -> None:
     info = backbone_info(args.backbone)
     full = build_embedded(0, downstream_appearance=APPEARANCES[args.data]).downstream_train
     if info.input_size != full.resolution:  # bicubic, as `--data embedded` does for such a backbone
-        full = _resized(full, info.input_size)
+        full = resized(full, info.input_size)
     perm = torch.randperm(len(full), generator=torch.Generator().manual_seed(123))
     bank, val = full.subset(perm[600:]), full.subset(perm[:600])
     res = {"args": {k: (list(v) if isinstance(v, tuple) else str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

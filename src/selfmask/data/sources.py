@@ -27,7 +27,8 @@ SPEC_HELP = (
 )
 
 
-def _resized(data: ImageTensorDataset, resolution: int) -> ImageTensorDataset:
+def resized(data: ImageTensorDataset, resolution: int) -> ImageTensorDataset:
+    """``data`` at ``resolution`` px (bicubic), as ``load_data`` gives a backbone another input size."""
     from selfmask.data.cifar import resize_uint8
 
     meta = {**data.meta, "resolution": resolution, "resized_from": data.resolution}
@@ -51,7 +52,7 @@ def load_data(
             pair = bench.downstream_train, bench.downstream_test
         if resolution == 32:
             return pair
-        return _resized(pair[0], resolution), _resized(pair[1], resolution)
+        return resized(pair[0], resolution), resized(pair[1], resolution)
     if kind in ("cifar10", "cifar100"):
         from selfmask.data.cifar import load_cifar
 
